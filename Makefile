@@ -1,0 +1,42 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Both create .venv and install everything; torch==2.13.0 (the local CPU build) goes in first,
+# so the project's torch range is already satisfied and pip never fetches a CUDA build.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+TORCH  := torch==2.13.0
+EXTRAS := keras,torch,test,bench
+export TF_CPP_MIN_LOG_LEVEL := 3
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install demo test test-slow test-all bench bench-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python examples/demo.py --out demo-out
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow -q
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench-quick: $(STAMP)
+	$(BIN)/embridge bench --quick --out bench-out
+
+bench: $(STAMP)
+	$(BIN)/embridge bench --out bench-out
+
+clean:
+	rm -rf $(VENV) demo-out bench-out .pytest_cache

@@ -1,0 +1,216 @@
+"""The on-disk embedding store: written atomically, opened with mmap, verified by sha256.
+
+Layout (documented for non-Python readers in the README and in :mod:`bridge.manifest`)::
+
+    STORE/manifest.json
+    STORE/tables/<name>.npy      one per table, 64-byte aligned data, readable with mmap
+    STORE/vocab/<name>.txt       one token per line, line number = id
+    STORE/<other files>          e.g. model.onnx written by ``embridge convert``
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bridge import dtypes, manifest as mf
+from bridge.atomic import atomic_directory
+from bridge.errors import StoreError, TableNotFoundError
+from bridge.npyio import file_sha256, open_npy, verify_sha256, write_npy
+from bridge.paths import safe_child_path
+from bridge.table import EmbeddingTable, SourceRef
+from bridge.vocab import Vocabulary
+
+ExtraFile = bytes | Path
+
+
+def write_store(
+    out_dir: str | os.PathLike[str],
+    tables: Sequence[EmbeddingTable],
+    *,
+    provenance: Mapping[str, Any] | None = None,
+    force: bool = False,
+    files: Mapping[str, ExtraFile] | None = None,
+) -> Store:
+    """Write ``tables`` (and extra ``files``) as a store in ``out_dir``, atomically.
+
+    Nothing appears at ``out_dir`` unless every file was written; an existing non-empty
+    ``out_dir`` is refused unless ``force``, in which case it is replaced as a whole.
+    """
+    _check_names(tables)
+    with atomic_directory(out_dir, force=force) as staging:
+        manifest = build_store_files(staging, tables, provenance=provenance, files=files)
+        (staging / mf.MANIFEST).write_bytes(mf.write_manifest_bytes(manifest))
+    return open_store(out_dir, verify=False)
+
+
+def build_store_files(
+    root: Path,
+    tables: Sequence[EmbeddingTable],
+    *,
+    provenance: Mapping[str, Any] | None = None,
+    files: Mapping[str, ExtraFile] | None = None,
+) -> dict[str, Any]:
+    """Write table, vocabulary and extra files under ``root``; return the manifest (not written)."""
+    taken: set[str] = set()
+    (root / "tables").mkdir(exist_ok=True)
+    table_entries, vocab_entries = [], []
+    for table in tables:
+        stem = mf.safe_file_stem(table.name, taken)
+        vocab_name = None
+        if table.vocab is not None:
+            vocab_entries.append(_write_vocab(root, table.name, stem, table.vocab))
+            vocab_name = table.name
+        table_entries.append(_write_table(root, table, stem, vocab_name))
+    return {
+        "format": mf.FORMAT,
+        "generator": mf.generator_info(),
+        "provenance": dict(provenance or {}),
+        "tables": table_entries,
+        "vocabularies": vocab_entries,
+        "files": {name: _write_extra(root, name, src) for name, src in (files or {}).items()},
+    }
+
+
+def _check_names(tables: Sequence[EmbeddingTable]) -> None:
+    names = [t.name for t in tables]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise StoreError(f"table names must be unique; repeated: {', '.join(dupes)}")
+    if not all(names):
+        raise StoreError("every table needs a non-empty name")
+
+
+def _write_table(root: Path, table: EmbeddingTable, stem: str, vocab: str | None) -> dict[str, Any]:
+    rel = f"tables/{stem}.npy"
+    with open(root / rel, "wb") as fh:
+        written = write_npy(fh, table.data, desc=f"writing {table.name}")
+        fh.flush()
+        os.fsync(fh.fileno())
+    return {
+        "name": table.name,
+        "file": rel,
+        "shape": list(table.shape),
+        "dtype": dtypes.dtype_name(table.dtype),
+        "storage_dtype": dtypes.dtype_name(dtypes.storage_dtype(table.dtype)),
+        "data_offset": written.data_offset,
+        "nbytes": written.nbytes,
+        "sha256": written.sha256,
+        "source": [s.to_json() for s in table.sources],
+        "initializer": table.initializer,
+        "vocab": vocab,
+        "oov_id": table.oov_id,
+        "padding_id": table.padding_id,
+        "metadata": table.metadata,
+    }
+
+
+def _write_vocab(root: Path, name: str, stem: str, vocab: Vocabulary) -> dict[str, Any]:
+    rel = f"vocab/{stem}.txt"
+    (root / "vocab").mkdir(exist_ok=True)
+    vocab.save(root / rel)
+    return {
+        "name": name,
+        "file": rel,
+        "size": len(vocab),
+        "sha256": file_sha256(root / rel),
+        "oov_id": vocab.oov_id,
+        "reserved": dict(vocab.reserved),
+        "source": vocab.source,
+    }
+
+
+def _write_extra(root: Path, name: str, src: ExtraFile) -> dict[str, Any]:
+    target = safe_child_path(root, name, must_exist=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(src, bytes):
+        target.write_bytes(src)
+    else:
+        shutil.copyfile(src, target)
+    return {"sha256": file_sha256(target), "bytes": target.stat().st_size}
+
+
+class Store(Mapping[str, EmbeddingTable]):
+    """An opened store: a read-only mapping from table name to memory-mapped :class:`EmbeddingTable`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._entries = {t["name"]: t for t in manifest["tables"]}
+        self._vocab_entries = {v["name"]: v for v in manifest.get("vocabularies", [])}
+        self._cache: dict[str, EmbeddingTable] = {}
+
+    def __getitem__(self, name: str) -> EmbeddingTable:
+        if name not in self._entries:
+            valid = ", ".join(self._entries) or "(none)"
+            raise TableNotFoundError(f"no table {name!r} in store {str(self.path)!r}; tables: {valid}")
+        if name not in self._cache:
+            self._cache[name] = self._open_table(self._entries[name])
+        return self._cache[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, tables={list(self._entries)})"
+
+    def entry(self, name: str) -> dict[str, Any]:
+        """The manifest entry of table ``name``."""
+        self[name]  # noqa: B018 - raises TableNotFoundError with the valid names
+        return self._entries[name]
+
+    def file_path(self, relative: str) -> Path:
+        """Resolve a manifest path inside the store, refusing paths that escape it."""
+        return safe_child_path(self.path, relative)
+
+    def vocabulary(self, name: str) -> Vocabulary:
+        """Load vocabulary ``name`` from its text file."""
+        entry = self._vocab_entries.get(name)
+        if entry is None:
+            raise TableNotFoundError(f"no vocabulary {name!r} in store {str(self.path)!r}")
+        vocab = Vocabulary.load(
+            self.file_path(entry["file"]), oov_id=entry.get("oov_id"),
+            reserved=dict(entry.get("reserved") or {}), source=entry.get("source"),
+        )
+        if len(vocab) != entry.get("size", len(vocab)):
+            raise StoreError(f"vocabulary {name!r} has {len(vocab)} tokens, the manifest says {entry['size']}")
+        return vocab
+
+    def verify(self) -> None:
+        """Check every file listed in the manifest against its sha256; raise :class:`ChecksumError`."""
+        for entry in self._entries.values():
+            verify_sha256(self.file_path(entry["file"]), entry["sha256"], f"table {entry['name']!r}")
+        for entry in self._vocab_entries.values():
+            verify_sha256(self.file_path(entry["file"]), entry["sha256"], f"vocabulary {entry['name']!r}")
+        for name, info in self.manifest.get("files", {}).items():
+            verify_sha256(self.file_path(name), info["sha256"], f"file {name!r}")
+
+    def _open_table(self, entry: dict[str, Any]) -> EmbeddingTable:
+        dtype = dtypes.from_name(entry["dtype"])
+        data = open_npy(self.file_path(entry["file"]), tuple(entry["shape"]), dtype)
+        vocab = self.vocabulary(entry["vocab"]) if entry.get("vocab") else None
+        return EmbeddingTable(
+            name=entry["name"], data=data, vocab=vocab,
+            sources=tuple(SourceRef.from_json(s) for s in entry.get("source", [])),
+            initializer=entry.get("initializer"), oov_id=entry.get("oov_id"),
+            padding_id=entry.get("padding_id"), metadata=dict(entry.get("metadata") or {}),
+        )
+
+
+def open_store(path: str | os.PathLike[str], *, verify: bool = True) -> Store:
+    """Open a store directory; with ``verify`` (the default) check every sha256 first.
+
+    Pass ``verify=False`` only to inspect a store you suspect is damaged, or when the files
+    were verified moments ago by this process.
+    """
+    root = Path(path)
+    store = Store(root, mf.read_manifest(root))
+    if verify:
+        store.verify()
+    return store

@@ -1,0 +1,118 @@
+"""Vocabularies: token <-> id, with reserved ids, stored as plain text (one token per line).
+
+Text format (UTF-8, ``\\n`` line ends, line number = id, starting at 0). A token containing
+a backslash, newline or carriage return is escaped as ``\\\\``, ``\\n``, ``\\r``; every other
+character is written as is, so a reader that ignores escaping only misreads such tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+
+from bridge.errors import InputError, VocabularyError
+
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
+
+
+def escape_token(token: str) -> str:
+    """Escape one token for the one-token-per-line text format."""
+    if "\\" not in token and "\n" not in token and "\r" not in token:
+        return token
+    return "".join(_ESCAPES.get(ch, ch) for ch in token)
+
+
+def unescape_token(text: str) -> str:
+    """Inverse of :func:`escape_token`."""
+    if "\\" not in text:
+        return text
+    out: list[str] = []
+    chars = iter(text)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, "")
+            if nxt not in _UNESCAPES:
+                raise InputError(f"bad escape '\\{nxt}' in vocabulary line {text!r}; only \\\\, \\n, \\r are defined")
+            out.append(_UNESCAPES[nxt])
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+@dataclass
+class Vocabulary:
+    """An ordered list of tokens; a token's id is its position.
+
+    ``oov_id`` is the id unknown tokens map to when the source defines one (a Keras
+    ``StringLookup`` maps OOV tokens to its OOV index); ``None`` means the source defines no
+    OOV rule and the lookup's index policy decides. ``reserved`` names special ids, for
+    example ``{"mask": 0, "oov": 1}``.
+    """
+
+    tokens: list[str]
+    oov_id: int | None = None
+    reserved: dict[str, int] = field(default_factory=dict)
+    source: str | None = None
+    _index: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.tokens)
+        for label, idx in [("oov_id", self.oov_id), *self.reserved.items()]:
+            if idx is not None and not 0 <= idx < n:
+                raise InputError(f"vocabulary {label}={idx} is outside [0, {n})")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def index(self) -> dict[str, int]:
+        """token -> id; the first occurrence wins when a token repeats (as in Keras)."""
+        if self._index is None:
+            index: dict[str, int] = {}
+            for i, tok in enumerate(self.tokens):
+                index.setdefault(tok, i)
+            self._index = index
+        return self._index
+
+    def ids(self, tokens: Iterable[str] | str, *, missing: int | None = None) -> np.ndarray:
+        """Map tokens to an int64 array of ids (vectorized; about 0.05-0.1 us per token).
+
+        Unknown tokens get ``missing`` if given, else ``oov_id``; if neither exists a
+        :class:`VocabularyError` names the first unknown token.
+        """
+        if isinstance(tokens, str):
+            return self.ids([tokens], missing=missing).reshape(())
+        seq = tokens if isinstance(tokens, Sequence) else list(tokens)
+        fallback = missing if missing is not None else self.oov_id
+        sentinel = -1 if fallback is None else fallback
+        out = np.fromiter(map(self.index.get, seq, repeat(sentinel)), dtype=np.int64, count=len(seq))
+        if fallback is None and out.size and (out < 0).any():
+            first = int(np.flatnonzero(out < 0)[0])
+            raise VocabularyError(
+                f"token {seq[first]!r} (position {first}) is not in the vocabulary and the vocabulary "
+                "has no OOV id; use a policy with an OOV row (policy='oov' or 'zero')"
+            )
+        return out
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the tokens as UTF-8 text, one per line (see the module docstring)."""
+        text = "".join(escape_token(t) + "\n" for t in self.tokens)
+        Path(path).write_text(text, encoding="utf-8", newline="\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], **kwargs: object) -> Vocabulary:
+        """Read a vocabulary written by :meth:`save`; ``kwargs`` go to the constructor."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read vocabulary {str(path)!r}: {exc}") from exc
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        return cls([unescape_token(line) for line in lines], **kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,163 @@
+"""The store: atomic writes, mmap reads, checksums, path safety, dtypes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import bridge.npyio
+from bridge import EmbeddingTable, SourceRef, Vocabulary, open_store, write_store
+from bridge.errors import ChecksumError, OutputExistsError, StoreError, TableNotFoundError, UnsafePathError
+
+
+def _tables() -> list[EmbeddingTable]:
+    rng = np.random.default_rng(0)
+    vocab = Vocabulary(["", "[UNK]", "the", "cat", "back\\slash", "new\nline"], oov_id=1, reserved={"mask": 0, "oov": 1})
+    return [
+        EmbeddingTable("tok/emb", rng.standard_normal((6, 4)).astype(np.float32), vocab=vocab,
+                       sources=(SourceRef("keras", "tok_emb", "tok_emb/embeddings"),), oov_id=1,
+                       metadata={"mask_zero": True}),
+        EmbeddingTable("pos", rng.standard_normal((5, 3)).astype(np.float16)),
+        EmbeddingTable("bf", rng.standard_normal((4, 2)).astype(ml_dtypes.bfloat16)),
+    ]
+
+
+def test_round_trip_is_exact_and_memory_mapped(tmp_path: Path) -> None:
+    tables = _tables()
+    write_store(tmp_path / "s", tables, provenance={"source": "unit"}, files={"model.onnx": b"abc"})
+    store = open_store(tmp_path / "s")
+    assert list(store) == ["tok/emb", "pos", "bf"]
+    for t in tables:
+        got = store[t.name]
+        assert got.data.dtype == t.data.dtype
+        assert got.data.tobytes() == t.data.tobytes()
+        assert isinstance(got.data.base, np.memmap) or isinstance(got.data, np.memmap)
+        assert not got.data.flags.writeable
+    tok = store["tok/emb"]
+    assert tok.vocab is not None and tok.vocab.tokens == tables[0].vocab.tokens  # type: ignore[union-attr]
+    assert tok.vocab.oov_id == 1 and tok.vocab.reserved == {"mask": 0, "oov": 1}
+    assert tok.sources == tables[0].sources and tok.metadata == {"mask_zero": True} and tok.oov_id == 1
+    assert (tmp_path / "s" / "model.onnx").read_bytes() == b"abc"
+
+
+def test_manifest_contract_and_alignment(tmp_path: Path) -> None:
+    write_store(tmp_path / "s", _tables())
+    manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert manifest["format"] == "embedding-bridge/1"
+    for entry in manifest["tables"]:
+        assert {"name", "file", "shape", "dtype", "sha256", "source", "data_offset"} <= set(entry)
+        path = tmp_path / "s" / entry["file"]
+        assert not Path(entry["file"]).is_absolute()
+        assert entry["data_offset"] % 64 == 0
+        assert entry["data_offset"] == bridge.npyio.npy_data_offset(path)
+        raw = np.fromfile(path, dtype=entry["storage_dtype"], offset=entry["data_offset"])
+        assert raw.size == np.prod(entry["shape"])
+    bf = next(e for e in manifest["tables"] if e["name"] == "bf")
+    assert bf["dtype"] == "bfloat16" and bf["storage_dtype"] == "uint16"
+    assert np.load(tmp_path / "s" / bf["file"], allow_pickle=False).dtype == np.uint16
+
+
+def test_flipped_byte_is_caught(tmp_path: Path) -> None:
+    write_store(tmp_path / "s", _tables())
+    entry = json.loads((tmp_path / "s" / "manifest.json").read_text())["tables"][0]
+    path = tmp_path / "s" / entry["file"]
+    blob = bytearray(path.read_bytes())
+    blob[entry["data_offset"] + 5] ^= 0x01
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ChecksumError, match="tok/emb"):
+        open_store(tmp_path / "s")
+    assert open_store(tmp_path / "s", verify=False)["tok/emb"].data.tobytes() != _tables()[0].data.tobytes()
+
+
+def test_existing_output_refused_then_forced(tmp_path: Path) -> None:
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(OutputExistsError, match="--force"):
+        write_store(out, _tables())
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    write_store(out, _tables(), force=True)
+    assert not (out / "keep.txt").exists() and len(open_store(out)) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_interrupted_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = bridge.npyio.write_npy
+    calls = []
+
+    def interrupted(fh, array, **kw):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 2:
+            fh.write(b"partial")
+            raise KeyboardInterrupt
+        return real(fh, array, **kw)
+
+    monkeypatch.setattr("bridge.store.write_npy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_store(tmp_path / "s", _tables())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_forced_rewrite_keeps_old_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_store(tmp_path / "s", _tables()[:1])
+
+    def boom(fh, array, **kw):  # type: ignore[no-untyped-def]
+        raise OSError("disk full")
+
+    monkeypatch.setattr("bridge.store.write_npy", boom)
+    with pytest.raises(OSError, match="disk full"):
+        write_store(tmp_path / "s", _tables(), force=True)
+    assert list(open_store(tmp_path / "s")) == ["tok/emb"]
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+@pytest.mark.parametrize("bad", ["../outside.npy", "/etc/passwd", "tables/../../x.npy", "C:\\x.npy"])
+def test_manifest_paths_cannot_escape(tmp_path: Path, bad: str) -> None:
+    write_store(tmp_path / "s", _tables()[:1])
+    mpath = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["tables"][0]["file"] = bad
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(UnsafePathError):
+        open_store(tmp_path / "s")
+
+
+def test_symlink_out_of_store_refused(tmp_path: Path) -> None:
+    write_store(tmp_path / "s", _tables()[:1])
+    entry = json.loads((tmp_path / "s" / "manifest.json").read_text())["tables"][0]
+    target = tmp_path / "elsewhere.npy"
+    os.replace(tmp_path / "s" / entry["file"], target)
+    os.symlink(target, tmp_path / "s" / entry["file"])
+    with pytest.raises(UnsafePathError, match="outside"):
+        open_store(tmp_path / "s")
+
+
+def test_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        open_store(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreError, match="no manifest.json"):
+        open_store(tmp_path / "empty")
+    (tmp_path / "empty" / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="not valid JSON"):
+        open_store(tmp_path / "empty")
+    write_store(tmp_path / "s", _tables())
+    with pytest.raises(TableNotFoundError, match="tables: tok/emb, pos, bf"):
+        open_store(tmp_path / "s")["nope"]
+    with pytest.raises(StoreError, match="unique"):
+        write_store(tmp_path / "t", [_tables()[1], _tables()[1]])
+
+
+def test_shape_mismatch_detected(tmp_path: Path) -> None:
+    write_store(tmp_path / "s", _tables()[1:2])
+    mpath = tmp_path / "s" / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    manifest["tables"][0]["shape"] = [3, 5]
+    mpath.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="inconsistent"):
+        open_store(tmp_path / "s")["pos"]
