@@ -3,34 +3,40 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 from bridge.errors import InputError, UnsafePathError
 
 
-def safe_child_path(base_dir: str | os.PathLike[str], relative: str, *, must_exist: bool = True) -> Path:
-    """Return ``base_dir / relative`` if it stays inside ``base_dir``, else raise :class:`UnsafePathError`.
+def safe_child_path(base_dir: str | os.PathLike[str], relative: str, *, must_exist: bool = False) -> Path:
+    """Resolve ``relative`` inside ``base_dir``, refusing anything that could escape it.
 
-    Refused: absolute paths (POSIX or Windows), any ``..`` component, and symlinks (at any
-    level) that resolve outside ``base_dir``. With ``must_exist`` a missing file is an
-    :class:`InputError`.
+    Raises :class:`UnsafePathError` for an empty or absolute path (POSIX or Windows), a
+    ``..`` component, a NUL byte, the directory itself, or a path that resolves outside
+    ``base_dir`` (through a symlink at any level). Returns the resolved path. With
+    ``must_exist``, a missing file is an :class:`InputError`.
     """
-    base = Path(base_dir)
-    if not relative or "\x00" in relative:
-        raise UnsafePathError(f"empty or invalid relative path {relative!r} under {str(base)!r}")
-    posix, win = PurePosixPath(relative), PureWindowsPath(relative)
-    if posix.is_absolute() or win.is_absolute() or win.drive or ".." in posix.parts or ".." in win.parts:
-        raise UnsafePathError(
-            f"path {relative!r} is absolute or contains '..'; files must stay inside {str(base)!r}"
-        )
-    candidate = base / posix
-    resolved_base = base.resolve()
-    resolved = candidate.resolve()
-    if resolved != resolved_base and resolved_base not in resolved.parents:
-        raise UnsafePathError(
-            f"path {relative!r} resolves to {str(resolved)!r}, outside {str(resolved_base)!r} "
-            "(a symlink leads out); copy the file into the directory instead"
-        )
-    if must_exist and not candidate.exists():
-        raise InputError(f"file {str(candidate)!r} (listed as {relative!r}) does not exist")
-    return candidate
+    text = str(relative)
+    parts = text.replace("\\", "/").split("/")
+    reason = None
+    if not text or "\x00" in text:
+        reason = "it is empty or contains a NUL byte"
+    elif os.path.isabs(text) or text.startswith(("/", "\\")) or (len(text) > 1 and text[1] == ":"):
+        reason = "it is absolute"
+    elif ".." in parts:
+        reason = "it contains a '..' component"
+    if reason is None:
+        base = Path(base_dir).resolve()
+        target = (base / text).resolve()
+        if target == base:
+            reason = "it names the directory itself, not a file in it"
+        elif not target.is_relative_to(base):
+            reason = f"it resolves to {str(target)!r}, outside {str(base)!r} (through a symlink)"
+        elif must_exist and not target.exists():
+            raise InputError(f"file {text!r} listed in {str(base_dir)!r} does not exist")
+        else:
+            return target
+    raise UnsafePathError(
+        f"refusing path {text!r} inside {str(base_dir)!r}: {reason}; "
+        "keep data files in the model's directory and refer to them by a relative name"
+    )

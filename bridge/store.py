@@ -124,7 +124,7 @@ def _write_vocab(root: Path, name: str, stem: str, vocab: Vocabulary) -> dict[st
 
 
 def _write_extra(root: Path, name: str, src: ExtraFile) -> dict[str, Any]:
-    target = safe_child_path(root, name, must_exist=False)
+    target = safe_child_path(root, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(src, bytes):
         target.write_bytes(src)
@@ -167,7 +167,7 @@ class Store(Mapping[str, EmbeddingTable]):
 
     def file_path(self, relative: str) -> Path:
         """Resolve a manifest path inside the store, refusing paths that escape it."""
-        return safe_child_path(self.path, relative)
+        return safe_child_path(self.path, relative, must_exist=True)
 
     def vocabulary(self, name: str) -> Vocabulary:
         """Load vocabulary ``name`` from its text file."""

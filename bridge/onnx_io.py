@@ -1,0 +1,347 @@
+"""Read ONNX models safely: parse without external data, confine paths, map initializers.
+
+Nothing here copies a table that lives in external data: :func:`initializer_array` returns a
+read-only ``np.memmap`` over the external file. Inline ``raw_data`` costs exactly the one
+copy the protobuf runtime makes when it hands out the bytes; numpy adds none.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
+
+from bridge.errors import InputError, ModelFormatError, UnsupportedError
+from bridge.paths import safe_child_path
+
+_PROTOBUF_LIMIT = 2**31 - 1
+_ZIP_MAGIC = b"PK\x03\x04"
+_LARGE_MODEL_ENTRY = "__MODEL_PROTO.onnx"
+
+#: ONNX element types this package reads, with their numpy dtype (one byte or more per element).
+_DTYPES: dict[int, np.dtype[Any]] = {
+    TensorProto.FLOAT: np.dtype(np.float32),
+    TensorProto.DOUBLE: np.dtype(np.float64),
+    TensorProto.FLOAT16: np.dtype(np.float16),
+    TensorProto.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    TensorProto.INT8: np.dtype(np.int8),
+    TensorProto.UINT8: np.dtype(np.uint8),
+    TensorProto.INT16: np.dtype(np.int16),
+    TensorProto.UINT16: np.dtype(np.uint16),
+    TensorProto.INT32: np.dtype(np.int32),
+    TensorProto.UINT32: np.dtype(np.uint32),
+    TensorProto.INT64: np.dtype(np.int64),
+    TensorProto.UINT64: np.dtype(np.uint64),
+    TensorProto.BOOL: np.dtype(np.bool_),
+    TensorProto.FLOAT8E4M3FN: np.dtype(ml_dtypes.float8_e4m3fn),
+    TensorProto.FLOAT8E4M3FNUZ: np.dtype(ml_dtypes.float8_e4m3fnuz),
+    TensorProto.FLOAT8E5M2: np.dtype(ml_dtypes.float8_e5m2),
+    TensorProto.FLOAT8E5M2FNUZ: np.dtype(ml_dtypes.float8_e5m2fnuz),
+}
+
+#: Typed (non-raw) storage: the TensorProto field holding the values, and the unsigned
+#: integer type whose bits carry one element when the field is wider than the element.
+_TYPED_FIELDS: dict[int, tuple[str, type[np.generic] | None]] = {
+    TensorProto.FLOAT: ("float_data", None),
+    TensorProto.DOUBLE: ("double_data", None),
+    TensorProto.INT32: ("int32_data", None),
+    TensorProto.INT64: ("int64_data", None),
+    TensorProto.UINT32: ("uint64_data", np.uint32),
+    TensorProto.UINT64: ("uint64_data", None),
+    TensorProto.FLOAT16: ("int32_data", np.uint16),
+    TensorProto.BFLOAT16: ("int32_data", np.uint16),
+    TensorProto.INT16: ("int32_data", np.uint16),
+    TensorProto.UINT16: ("int32_data", np.uint16),
+    TensorProto.INT8: ("int32_data", np.uint8),
+    TensorProto.UINT8: ("int32_data", np.uint8),
+    TensorProto.BOOL: ("int32_data", np.uint8),
+    TensorProto.FLOAT8E4M3FN: ("int32_data", np.uint8),
+    TensorProto.FLOAT8E4M3FNUZ: ("int32_data", np.uint8),
+    TensorProto.FLOAT8E5M2: ("int32_data", np.uint8),
+    TensorProto.FLOAT8E5M2FNUZ: ("int32_data", np.uint8),
+}
+
+
+@dataclass(frozen=True)
+class ExternalData:
+    """Where an initializer's bytes live: ``location`` relative to the model's directory."""
+
+    location: str
+    offset: int = 0
+    length: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"location": self.location, "offset": self.offset, "length": self.length}
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False) -> onnx.ModelProto:
+    """Parse the binary ONNX model at ``path``.
+
+    External data is left on disk unless ``load_external_data`` is true; then every external
+    tensor is read (paths confined to the model's directory) into the returned proto.
+    A tf2onnx ``large_model`` zip archive is refused with :class:`UnsupportedError` saying how
+    to unzip it. Raises :class:`InputError` for a missing path or a directory and
+    :class:`ModelFormatError` for anything that is not a complete ONNX model.
+    """
+    p = Path(path)
+    _check_model_path(p)
+    data = p.read_bytes()
+    if data[:4] == _ZIP_MAGIC:
+        raise _zip_error(p)
+    model = _parse_model(p, data)
+    if load_external_data:
+        _load_external_tensors(model, p.parent)
+    return model
+
+
+def _check_model_path(p: Path) -> None:
+    if not p.exists():
+        raise InputError(f"model file {str(p)!r} does not exist; check the path")
+    if p.is_dir():
+        raise InputError(f"model path {str(p)!r} is a directory; pass the .onnx file inside it")
+    size = p.stat().st_size
+    if size == 0:
+        raise ModelFormatError(f"{str(p)!r} is not a valid ONNX model (the file is empty); check the file is complete")
+    if size > _PROTOBUF_LIMIT:
+        raise ModelFormatError(
+            f"{str(p)!r} is {size} bytes, past protobuf's 2 GiB limit, so it cannot be a valid ONNX file; "
+            "save the model with its weights as external data (onnx.save(..., save_as_external_data=True))"
+        )
+
+
+def _zip_error(p: Path) -> UnsupportedError:
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = set(z.namelist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        return UnsupportedError(f"{str(p)!r} starts like a zip archive but cannot be read ({exc}); pass an .onnx file")
+    if _LARGE_MODEL_ENTRY in names:
+        return UnsupportedError(
+            f"{str(p)!r} is a tf2onnx large_model zip archive, which is not read directly yet; "
+            f"unzip it (python -m zipfile -e {str(p)!r} OUT_DIR) and pass OUT_DIR/{_LARGE_MODEL_ENTRY}"
+        )
+    return UnsupportedError(f"{str(p)!r} is a zip archive, not an ONNX model; extract the .onnx file from it")
+
+
+def _parse_model(p: Path, data: bytes) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ModelFormatError(
+            f"{str(p)!r} is not a valid ONNX model (protobuf parse failed: {exc}); check the file is complete"
+        ) from None
+    missing = [what for what, ok in (
+        ("ir_version", model.ir_version > 0),
+        ("graph", model.HasField("graph")),
+        ("opset_import", len(model.opset_import) > 0),
+    ) if not ok]
+    if missing:
+        raise ModelFormatError(
+            f"{str(p)!r} is not a valid ONNX model (it parsed but has no {', '.join(missing)}); "
+            "check the file is complete and is a binary .onnx file"
+        )
+    return model
+
+
+def _load_external_tensors(model: onnx.ModelProto, base_dir: Path) -> None:
+    for tensor in _all_tensors(model):
+        if external_data_info(tensor) is not None:
+            data = initializer_array(tensor, base_dir)
+            tensor.raw_data = np.ascontiguousarray(data).tobytes()
+            tensor.data_location = TensorProto.DEFAULT
+            del tensor.external_data[:]
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
+    for _, graph in iter_graphs(model):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+
+
+# ---------------------------------------------------------------------------------- graphs
+
+
+def iter_graphs(model: onnx.ModelProto | onnx.GraphProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """Yield ``("", main_graph)`` then every subgraph, depth first in node order.
+
+    A subgraph's path is its parent's path, the node's label and the attribute name joined by
+    ``/``: ``"loop_node/body"``, ``"outer/if_node/then_branch/inner_loop/body"``; a GRAPHS
+    attribute adds ``[i]``. Unnamed nodes are labelled by :func:`node_label`.
+    """
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    yield from _walk_graph("", graph)
+
+
+def _walk_graph(path: str, graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    yield path, graph
+    for index, node in enumerate(graph.node):
+        for sub_path, sub in subgraphs(path, index, node):
+            yield from _walk_graph(sub_path, sub)
+
+
+def subgraphs(parent: str, index: int, node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The graph attributes of ``node`` (the ``index``-th node of graph ``parent``), with their paths."""
+    prefix = f"{parent}/" if parent else ""
+    label = node_label(node, index)
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield f"{prefix}{label}/{attr.name}", attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(attr.graphs):
+                yield f"{prefix}{label}/{attr.name}[{i}]", g
+
+
+def node_label(node: onnx.NodeProto, index: int) -> str:
+    """``node.name``, or ``"<op_type>#<index>"`` for an unnamed node (its position in its graph)."""
+    return node.name or f"{node.op_type}#{index}"
+
+
+# ---------------------------------------------------------------------------------- paths
+
+
+# ---------------------------------------------------------------------------------- tensors
+
+
+def external_data_info(tensor: TensorProto) -> ExternalData | None:
+    """The external-data reference of ``tensor``, or None when its data is inline."""
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return None
+    entries = {e.key: e.value for e in tensor.external_data}
+    if not entries.get("location"):
+        raise ModelFormatError(f"initializer {tensor.name!r} is marked external but has no 'location'")
+    try:
+        offset = int(entries.get("offset") or 0)
+        length = int(entries["length"]) if entries.get("length") else None
+    except ValueError:
+        raise ModelFormatError(
+            f"initializer {tensor.name!r} has a non-integer external offset/length: {entries}"
+        ) from None
+    if offset < 0 or (length is not None and length < 0):
+        raise ModelFormatError(f"initializer {tensor.name!r} has a negative external offset/length: {entries}")
+    return ExternalData(location=entries["location"], offset=offset, length=length)
+
+
+def tensor_dtype(tensor: TensorProto | int) -> np.dtype[Any]:
+    """The numpy dtype of a TensorProto (or of an ONNX element type number).
+
+    bfloat16 and the float8 types come from ml_dtypes. Packed sub-byte types (int4, uint4,
+    int2, uint2, float4e2m1, float6), strings and complex numbers are unsupported: they raise
+    :class:`UnsupportedError`, since they cannot be memory-mapped element for element.
+    """
+    elem = tensor if isinstance(tensor, int) else tensor.data_type
+    dtype = _DTYPES.get(elem)
+    if dtype is None:
+        name = TensorProto.DataType.Name(elem) if elem in TensorProto.DataType.values() else str(elem)
+        what = f"initializer {tensor.name!r}" if isinstance(tensor, TensorProto) else "a tensor"
+        raise UnsupportedError(
+            f"{what} has ONNX element type {name}, which embedding-bridge cannot read; "
+            f"supported: {', '.join(sorted(TensorProto.DataType.Name(k) for k in _DTYPES))}"
+        )
+    return dtype
+
+
+def initializer_array(tensor: TensorProto, base_dir: Path | None) -> np.ndarray:
+    """The values of ``tensor`` as a read-only array, without reading external data into RAM.
+
+    External data becomes ``np.memmap(mode="r")`` at the stored offset (the file is confined
+    to ``base_dir`` and its size checked); ``raw_data`` becomes an ``np.frombuffer`` view;
+    typed fields (``float_data``, ``int32_data``, ...) are converted bit-exactly.
+    """
+    dtype = tensor_dtype(tensor)
+    shape = tuple(int(d) for d in tensor.dims)
+    if tensor.HasField("segment"):
+        raise UnsupportedError(f"initializer {tensor.name!r} is a segment of a larger tensor; not supported")
+    if sys.byteorder != "little" and dtype.itemsize > 1:
+        raise UnsupportedError("reading multi-byte ONNX tensors needs a little-endian machine")
+    ext = external_data_info(tensor)
+    if ext is not None:
+        return _external_array(tensor, ext, base_dir, dtype, shape)
+    if tensor.HasField("raw_data"):
+        return _raw_array(tensor, dtype, shape)
+    return _typed_array(tensor, dtype, shape)
+
+
+def _expected_nbytes(dtype: np.dtype[Any], shape: tuple[int, ...]) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _external_array(
+    tensor: TensorProto, ext: ExternalData, base_dir: Path | None, dtype: np.dtype[Any], shape: tuple[int, ...]
+) -> np.ndarray:
+    if base_dir is None:
+        raise InputError(
+            f"initializer {tensor.name!r} is stored in external file {ext.location!r}; "
+            "pass base_dir (the model's directory) to read it"
+        )
+    path = safe_child_path(Path(base_dir), ext.location)
+    need = _expected_nbytes(dtype, shape)
+    if ext.length is not None and ext.length != need:
+        raise ModelFormatError(
+            f"initializer {tensor.name!r}: external length {ext.length} != {need} bytes for shape {shape} {dtype}"
+        )
+    if not path.is_file():
+        raise ModelFormatError(
+            f"external data file {ext.location!r} of initializer {tensor.name!r} is missing from "
+            f"{str(base_dir)!r}; keep the data file next to the model"
+        )
+    size = path.stat().st_size
+    if ext.offset + need > size:
+        raise ModelFormatError(
+            f"external data file {str(path)!r} is truncated: initializer {tensor.name!r} needs bytes "
+            f"[{ext.offset}, {ext.offset + need}) but the file has {size}; re-export the model"
+        )
+    if need == 0:
+        return _readonly(np.empty(shape, dtype=dtype))
+    return np.memmap(path, dtype=dtype, mode="r", offset=ext.offset, shape=shape)
+
+
+def _raw_array(tensor: TensorProto, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    raw = tensor.raw_data
+    need = _expected_nbytes(dtype, shape)
+    if len(raw) != need:
+        raise ModelFormatError(
+            f"initializer {tensor.name!r} has {len(raw)} bytes of raw_data, expected {need} for shape {shape} {dtype}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def _typed_array(tensor: TensorProto, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+    field, bits = _TYPED_FIELDS[tensor.data_type]
+    values = getattr(tensor, field)
+    if len(values) != math.prod(shape):
+        raise ModelFormatError(
+            f"initializer {tensor.name!r} has {len(values)} values in {field}, expected {math.prod(shape)} "
+            f"for shape {shape}"
+        )
+    if bits is None:
+        arr = np.asarray(values, dtype=dtype)
+    else:
+        wide = np.uint32 if field == "int32_data" else np.uint64
+        storage = np.int32 if field == "int32_data" else np.uint64
+        arr = np.asarray(values, dtype=storage).view(wide).astype(bits).view(dtype)
+    return _readonly(arr.reshape(shape))
+
+
+def _readonly(arr: np.ndarray) -> np.ndarray:
+    arr.flags.writeable = False
+    return arr

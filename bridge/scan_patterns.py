@@ -1,0 +1,221 @@
+"""Graph patterns the scanner recognises, one small function each.
+
+A *link* pattern says that a node passes a table through unchanged in shape (``Identity``,
+``Cast``, ``DequantizeLinear``, ``Mul`` by a constant scale after a ``Cast``); the scanner then
+follows the node's output. A *role* pattern classifies a node that ends the chain: ``gather``
+(reads rows), ``tied`` (uses the table as a projection). Both registries are keyed by op type
+(as onnx2torch keys its converters), so a node of an unregistered op costs one dict lookup;
+adding a pattern is writing one function and listing it under its op type. An *after-gather*
+pattern recognises dequantization applied to the gathered rows (Keras int8 divides them by a
+per-row scale gathered with the same ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import onnx
+
+_DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
+
+
+class GraphView(Protocol):
+    """Read-only queries on the graph around a node, names resolved in that node's scope."""
+
+    def constant(self, name: str) -> str | None:
+        """The constant (initializer or ``Constant`` output) ``name`` is, through Identity/Cast; or None."""
+
+    def constant_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of :meth:`constant` ``(name)``, or None if ``name`` is not a constant."""
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        """The node whose output is ``name``, or None (graph input, initializer, unknown)."""
+
+    def consumers(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
+        """The nodes reading ``name``, with the input index they read it at."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """A node reading a table-derived value at ``input_index``, reached through ``via``.
+
+    ``rank`` is the table's rank; ``view`` answers questions about the node's surroundings.
+    """
+
+    node: onnx.NodeProto
+    label: str
+    input_index: int
+    via: tuple[str, ...]
+    rank: int
+    view: GraphView
+
+
+@dataclass(frozen=True)
+class Link:
+    """The node passes the table on; ``quantization`` describes a dequantization step."""
+
+    op: str
+    quantization: dict[str, Any] | None = None
+
+
+def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
+    """An INT attribute of ``node``, or ``default`` when absent."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return int(attr.i)
+    return default
+
+
+def _is(step: Step, op_type: str, domains: frozenset[str] = _DEFAULT_DOMAINS) -> bool:
+    return step.node.op_type == op_type and step.node.domain in domains
+
+
+# ------------------------------------------------------------------------- links
+
+
+def identity(step: Step) -> Link | None:
+    """``Identity(W)``."""
+    return Link("Identity") if _is(step, "Identity") else None
+
+
+def cast(step: Step) -> Link | None:
+    """``Cast(W, to=...)``: any target type."""
+    return Link("Cast") if _is(step, "Cast") else None
+
+
+def dequantize_linear(step: Step) -> Link | None:
+    """``DequantizeLinear(W, scale[, zero_point])`` with constant scale (and zero point)."""
+    if not _is(step, "DequantizeLinear", _DEFAULT_DOMAINS | {"com.microsoft"}) or step.input_index != 0:
+        return None
+    inputs = list(step.node.input) + ["", ""]
+    scale = step.view.constant(inputs[1]) if inputs[1] else None
+    zero_point = step.view.constant(inputs[2]) if inputs[2] else None
+    if scale is None or (inputs[2] and zero_point is None):
+        return None
+    quant: dict[str, Any] = {"scheme": "dequantize_linear", "scale": scale, "zero_point": zero_point,
+                             "axis": attr_int(step.node, "axis", 1)}
+    block_size = attr_int(step.node, "block_size", 0)
+    if block_size:
+        quant["block_size"] = block_size
+    return Link("DequantizeLinear", quant)
+
+
+def mul_scale_after_cast(step: Step) -> Link | None:
+    """``Mul(Cast(W), scale)`` (either operand order) with a constant ``scale``."""
+    if not _is(step, "Mul") or "Cast" not in step.via or len(step.node.input) != 2:
+        return None
+    other = step.node.input[1 - step.input_index]
+    scale = step.view.constant(other)
+    return Link("Mul", {"scheme": "mul_cast", "scale": scale}) if scale is not None else None
+
+
+#: Link patterns by op type, tried in order; the first that matches wins.
+LINK_PATTERNS: dict[str, tuple[Callable[[Step], Link | None], ...]] = {
+    "Identity": (identity,),
+    "Cast": (cast,),
+    "DequantizeLinear": (dequantize_linear,),
+    "Mul": (mul_scale_after_cast,),
+}
+
+
+# ------------------------------------------------------------------------- roles
+
+
+def gather_rows(step: Step) -> str | None:
+    """``Gather(W, ids, axis=0)`` on rank-2 data: the embedding lookup itself."""
+    if not _is(step, "Gather") or step.input_index != 0 or step.rank != 2:
+        return None
+    return "gather" if attr_int(step.node, "axis", 0) in (0, -step.rank) else None
+
+
+def tied_projection(step: Step) -> str | None:
+    """``MatMul``/``Gemm``/``Transpose`` reading the table: a tied output projection."""
+    return "tied" if step.node.domain in _DEFAULT_DOMAINS else None
+
+
+#: Role patterns by op type for the node that ends a chain; none matching means ``"other"``.
+ROLE_PATTERNS: dict[str, tuple[Callable[[Step], str | None], ...]] = {
+    "Gather": (gather_rows,),
+    "MatMul": (tied_projection,),
+    "Gemm": (tied_projection,),
+    "Transpose": (tied_projection,),
+}
+
+
+def match_link(step: Step) -> Link | None:
+    """The first link pattern matching ``step``, or None."""
+    for pattern in LINK_PATTERNS.get(step.node.op_type, ()):
+        link = pattern(step)
+        if link is not None:
+            return link
+    return None
+
+
+def match_role(step: Step) -> str:
+    """``"gather"``, ``"tied"`` or ``"other"`` for the node ending a chain."""
+    for pattern in ROLE_PATTERNS.get(step.node.op_type, ()):
+        role = pattern(step)
+        if role is not None:
+            return role
+    return "other"
+
+
+# ------------------------------------------------------------------------- after the gather
+
+
+_RESHAPES = frozenset({"Unsqueeze", "Reshape", "Expand", "Identity"})
+
+
+def _row_scale(graph: GraphView, name: str, ids: str) -> str | None:
+    """The rank-1 constant ``S`` if ``name`` is ``Gather(S, ids)``, possibly reshaped; else None."""
+    node = graph.producer(name)
+    for _ in range(8):
+        if node is None or node.op_type not in _RESHAPES or not node.input:
+            break
+        node = graph.producer(node.input[0])
+    if node is None or node.op_type != "Gather" or list(node.input[1:2]) != [ids]:
+        return None
+    scale = graph.constant(node.input[0])
+    return scale if scale is not None and len(graph.constant_shape(scale) or ()) == 1 else None
+
+
+def keras_row_scale(step: Step) -> dict[str, Any] | None:
+    """Keras int8: ``Cast(Gather(Q, ids)) / Unsqueeze(Gather(S, ids))`` (or ``*``), ``S`` of shape [rows]."""
+    if len(step.node.input) < 2 or not step.node.output:
+        return None
+    ids = step.node.input[1]
+    for cast_node, _ in step.view.consumers(step.node.output[0]):
+        if cast_node.op_type != "Cast" or not cast_node.output:
+            continue
+        for op_node, index in step.view.consumers(cast_node.output[0]):
+            if op_node.op_type not in ("Div", "Mul") or (op_node.op_type == "Div" and index != 0):
+                continue
+            scale = _row_scale(step.view, op_node.input[1 - index], ids)
+            if scale is not None:
+                return {"scheme": "row_scale", "op": op_node.op_type, "scale": scale}
+    return None
+
+
+#: Patterns that recognise dequantization of the rows a table Gather returns; first match wins.
+AFTER_GATHER_PATTERNS: tuple[Callable[[Step], dict[str, Any] | None], ...] = (keras_row_scale,)
+
+
+def match_after_gather(step: Step) -> dict[str, Any] | None:
+    """The quantization applied to the rows gathered by ``step.node``, or None."""
+    for pattern in AFTER_GATHER_PATTERNS:
+        quant = pattern(step)
+        if quant is not None:
+            return quant
+    return None
+
+
+def gather_miss_reason(step: Step) -> str | None:
+    """Why a ``Gather`` reading the table as data is not a row lookup, or None if it is not such a Gather."""
+    if not _is(step, "Gather") or step.input_index != 0:
+        return None
+    if step.rank != 2:
+        return f"rank-{step.rank} data of Gather {step.label!r}: a table must be rank 2 [rows, dim]"
+    axis = attr_int(step.node, "axis", 0)
+    return f"Gather {step.label!r} reads axis {axis}, not rows (axis 0)"
