@@ -1,0 +1,35 @@
+"""Helpers shared by the sub-commands: common options and output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """``--json``: one JSON document on stdout, nothing else there."""
+    parser.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+
+
+def add_output(parser: argparse.ArgumentParser) -> None:
+    """``-o OUT`` and ``--force``."""
+    parser.add_argument("-o", "--out", required=True, help="output directory (must not exist or be empty)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+
+
+def emit_json(obj: Any) -> None:
+    """Write ``obj`` as JSON to stdout."""
+    json.dump(obj, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def say(text: str = "") -> None:
+    """Human-readable output on stdout."""
+    print(text)
+
+
+def note(text: str) -> None:
+    """A remark for the person at the terminal (stderr, so --json stays clean)."""
+    print(text, file=sys.stderr)

@@ -1,0 +1,137 @@
+"""Sub-commands that read models: ``inspect``, ``extract``, ``convert``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from bridge.cli.common import add_json, add_output, emit_json, note, say
+from bridge.render import format_table, human_bytes
+
+
+def register(sub: Any) -> None:
+    """Add this module's sub-commands to ``sub``."""
+    p = sub.add_parser("inspect", help="list the embedding tables of an ONNX model (writes nothing)")
+    p.add_argument("model", help="an .onnx file")
+    add_json(p)
+    p.set_defaults(func=run_inspect)
+
+    p = sub.add_parser("extract", help="write a store with every embedding table of an ONNX model")
+    p.add_argument("model", help="an .onnx file")
+    add_output(p)
+    add_json(p)
+    p.set_defaults(func=run_extract)
+
+    p = sub.add_parser("convert", help="Keras model -> OUT/model.onnx + store, with parity check")
+    p.add_argument("model", help="a .keras or .h5 file, or a SavedModel directory")
+    add_output(p)
+    p.add_argument("--unsafe", action="store_true",
+                   help="load .keras files with safe_mode=False (runs code stored in the file; only for trusted files)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: tf2onnx's choice)")
+    p.add_argument("--no-parity", action="store_true", help="skip the parity check after converting")
+    add_json(p)
+    p.set_defaults(func=run_convert)
+
+
+def inspect_rows(model_path: Path) -> list[dict[str, Any]]:
+    """The ``inspect --json`` table entries of an ONNX file (no tensor data is read)."""
+    from bridge.onnx_io import load_model
+    from bridge.scan import default_table_name, scan
+
+    taken: set[str] = set()
+    rows = []
+    for ref in scan(load_model(model_path)):
+        name = default_table_name(ref.initializer, taken)
+        taken.add(name)
+        info = ref.to_json()
+        rows.append({"name": name, "initializer": ref.initializer, "shape": list(ref.shape), "dtype": ref.dtype,
+                     "consumers": info["consumers"], "source": [], **{k: v for k, v in info.items()
+                                                                       if k not in ("initializer", "shape", "dtype", "consumers")}})
+    return rows
+
+
+def _nbytes(shape: list[int], dtype: str) -> int:
+    from bridge.dtypes import from_name
+
+    n = from_name(dtype).itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    rows = inspect_rows(Path(args.model))
+    if args.json:
+        emit_json({"model": args.model, "tables": rows})
+        return 0
+    if not rows:
+        say(f"{args.model}: no embedding tables found")
+        return 0
+    say(format_table(
+        ["table", "initializer", "shape", "dtype", "bytes", "uses"],
+        [[r["name"], r["initializer"], "x".join(map(str, r["shape"])), r["dtype"],
+          human_bytes(_nbytes(r["shape"], r["dtype"])), _uses(r["consumers"])] for r in rows],
+    ))
+    return 0
+
+
+def _uses(consumers: list[dict[str, Any]]) -> str:
+    counts: dict[str, int] = {}
+    for c in consumers:
+        label = c.get("role", c.get("op_type", "?"))
+        counts[label] = counts.get(label, 0) + 1
+    return ", ".join(f"{n} {k}" for k, n in counts.items())
+
+
+def store_rows(store: Any) -> list[list[str]]:
+    """Summary rows (table, source layer, shape, dtype, bytes) of an opened store."""
+    rows = []
+    for name in store:
+        entry = store.entry(name)
+        source = ", ".join(s["layer"] for s in entry.get("source", [])) or "(unmapped)"
+        rows.append([name, source, "x".join(map(str, entry["shape"])), entry["dtype"], human_bytes(entry["nbytes"])])
+    return rows
+
+
+def store_summary(store: Any) -> dict[str, Any]:
+    """JSON summary of a written store."""
+    return {"store": str(store.path), "manifest": str(store.path / "manifest.json"), "tables": store.manifest["tables"]}
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from bridge.extract import extract
+
+    store = extract(args.model, args.out, force=args.force)
+    if args.json:
+        emit_json(store_summary(store))
+        return 0
+    say(format_table(["table", "source layer", "shape", "dtype", "bytes"], store_rows(store)))
+    say(f"\nstore written to {store.path}/ (manifest.json, {len(store)} table file(s))")
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from converters.keras import convert
+
+    note(f"converting {args.model} with tf2onnx ...")
+    result = convert(args.model, args.out, force=args.force, safe_mode=not args.unsafe, opset=args.opset)
+    parity = None if args.no_parity else result_parity(result)
+    if args.json:
+        emit_json({**store_summary(result.store), "onnx_model": str(result.onnx_path),
+                   "parity": parity.to_json() if parity is not None else None, "warnings": list(result.warnings)})
+    else:
+        say(format_table(["table", "source layer", "shape", "dtype", "bytes"], store_rows(result.store)))
+        for warning in result.warnings:
+            say(f"warning: {warning}")
+        say(f"\nONNX model: {result.onnx_path}\nstore:      {result.store.path}/manifest.json")
+        if parity is not None:
+            say("\n" + parity.to_text())
+    return 0 if parity is None or parity else 3
+
+
+def result_parity(result: Any) -> Any:
+    """Parity of a conversion result (all adapters against Keras and the ONNX model)."""
+    from converters.keras import conversion_parity
+
+    return conversion_parity(result)

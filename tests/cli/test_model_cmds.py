@@ -1,0 +1,117 @@
+"""`embridge inspect` and `embridge extract` on ONNX models, and the bad-input contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bridge import open_store
+from bridge.cli import main
+
+
+def _model(path: Path, *, rows: int = 50, dim: int = 8, tied: bool = False) -> np.ndarray:
+    """ids -> Gather(emb) [-> MatMul(emb^T)]; returns the table."""
+    table = np.random.default_rng(1).standard_normal((rows, dim)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb.weight", "ids"], ["vec"], name="lookup")]
+    out = helper.make_tensor_value_info("vec", TensorProto.FLOAT, None)
+    if tied:
+        nodes += [helper.make_node("Transpose", ["emb.weight"], ["embT"], name="tr"),
+                  helper.make_node("MatMul", ["vec", "embT"], ["logits"], name="head")]
+        out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])], [out],
+        initializer=[numpy_helper.from_array(table, "emb.weight")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    onnx.save(model, path)
+    return table
+
+
+def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect_json_contract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _model(tmp_path / "m.onnx", tied=True)
+    code, out, err = _run(["inspect", str(tmp_path / "m.onnx"), "--json"], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    (table,) = doc["tables"]
+    assert {"name", "initializer", "shape", "dtype", "consumers", "source"} <= set(table)
+    assert table["initializer"] == "emb.weight" and table["shape"] == [50, 8] and table["dtype"] == "float32"
+    roles = sorted(c["role"] for c in table["consumers"])
+    assert roles == ["gather", "tied"]
+    assert list(tmp_path.iterdir()) == [tmp_path / "m.onnx"]
+
+
+def test_inspect_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _model(tmp_path / "m.onnx")
+    code, out, _ = _run(["inspect", str(tmp_path / "m.onnx")], capsys)
+    assert code == 0 and "emb.weight" in out and "50x8" in out and "1.6 KiB" in out
+
+
+def test_extract_writes_exact_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    table = _model(tmp_path / "m.onnx")
+    code, out, _ = _run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"), "--json"], capsys)
+    assert code == 0
+    doc = json.loads(out)
+    assert doc["tables"][0]["file"] == "tables/emb.weight.npy"
+    store = open_store(tmp_path / "out")
+    assert store["emb.weight"].data.tobytes() == table.tobytes()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["provenance"]["source_model"].endswith("m.onnx")
+
+
+def test_existing_output_is_refused_without_force(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _model(tmp_path / "m.onnx")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("keep")
+    code, out, err = _run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out")], capsys)
+    assert code != 0 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--force" in err
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["x"]
+    code, _, _ = _run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out"), "--force"], capsys)
+    assert code == 0 and not (tmp_path / "out" / "x").exists()
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, Path]:
+    good = tmp_path / "good.onnx"
+    _model(good)
+    blob = good.read_bytes()
+    (tmp_path / "truncated.onnx").write_bytes(blob[: len(blob) // 2])
+    (tmp_path / "text.onnx").write_text("this is not a model\n")
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    return {name: tmp_path / f"{name}.onnx" for name in ("truncated", "text", "empty", "missing")}
+
+
+@pytest.mark.parametrize("case", ["truncated", "text", "empty", "missing"])
+@pytest.mark.parametrize("command", ["inspect", "extract"])
+def test_bad_model_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, command: str) -> None:
+    path = _bad_inputs(tmp_path)[case]
+    args = [command, str(path)] + (["-o", str(tmp_path / "out")] if command == "extract" else [])
+    code, out, err = _run(args, capsys)
+    assert code == 2, err
+    assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"embridge {command}: error:")
+    assert str(path.name) in lines[0]
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_console_script_has_no_traceback(tmp_path: Path) -> None:
+    (tmp_path / "bad.onnx").write_bytes(b"\x08\x07garbage")
+    proc = subprocess.run([sys.executable, "-m", "bridge.cli", "inspect", str(tmp_path / "bad.onnx")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "not a valid ONNX model" in proc.stderr
