@@ -1,0 +1,99 @@
+"""Import TensorFlow, Keras and tf2onnx lazily and quietly; capture their log messages.
+
+Nothing here runs at import time: ``converters.keras*`` modules call :func:`import_keras`
+inside their functions, so ``import converters.keras`` stays cheap and ``import bridge`` never
+loads TensorFlow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from types import ModuleType
+
+from bridge.errors import UnsupportedError
+
+#: Loggers whose messages a conversion captures instead of printing.
+_QUIET_LOGGERS = ("tf2onnx", "tensorflow", "absl")
+_FCT = re.compile(r" \(fct=<.*?>\)")
+
+
+def import_keras() -> tuple[ModuleType, ModuleType]:
+    """Return ``(tensorflow, keras)``, silencing TensorFlow's C++ logs before the first import.
+
+    Raises :class:`UnsupportedError` when Keras runs on a backend other than TensorFlow
+    (tf2onnx converts TensorFlow graphs only).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        import tensorflow as tf
+        import keras
+    except ImportError as exc:
+        raise UnsupportedError(
+            f"the Keras converter needs tensorflow and keras ({exc}); install them with "
+            "pip install 'embedding-bridge[keras]'"
+        ) from exc
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise UnsupportedError(
+            f"Keras runs on the {backend!r} backend; tf2onnx converts TensorFlow graphs only. "
+            "Set KERAS_BACKEND=tensorflow before Python imports keras."
+        )
+    return tf, keras
+
+
+def import_tf2onnx() -> ModuleType:
+    """Return the ``tf2onnx`` module (after TensorFlow, so its import is quiet too)."""
+    import_keras()
+    try:
+        import tf2onnx
+    except ImportError as exc:
+        raise UnsupportedError(f"the Keras converter needs tf2onnx ({exc}); pip install tf2onnx") from exc
+    return tf2onnx
+
+
+class _ListHandler(logging.Handler):
+    """Collects one line per record: the first line of the message and the exception, if any."""
+
+    def __init__(self, lines: list[str], level: int) -> None:
+        super().__init__(level)
+        self.lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            first = record.getMessage().strip().splitlines()[0] if record.getMessage().strip() else ""
+        except Exception:  # noqa: BLE001 - a broken log record must not break a conversion
+            first = str(record.msg)
+        first = _FCT.sub("", first)
+        exc = record.exc_info[1] if record.exc_info else None
+        line = f"{record.name}: {first}" + (f" ({type(exc).__name__}: {exc})" if exc is not None else "")
+        if line not in self.lines:
+            self.lines.append(line)
+
+
+@contextlib.contextmanager
+def captured_logs(level: int = logging.ERROR) -> Iterator[list[str]]:
+    """Within the block, messages of tf2onnx/TensorFlow/absl at ``level`` or above go to the yielded list.
+
+    Lower-level messages are dropped; nothing reaches stdout or stderr. Logger levels,
+    handlers and propagation are restored on exit.
+    """
+    lines: list[str] = []
+    handler = _ListHandler(lines, level)
+    saved = []
+    for name in _QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate, list(logger.handlers)))
+        logger.handlers = [handler]
+        logger.setLevel(level)
+        logger.propagate = False
+    try:
+        yield lines
+    finally:
+        for logger, lvl, propagate, handlers in saved:
+            logger.handlers = handlers
+            logger.setLevel(lvl)
+            logger.propagate = propagate

@@ -1,0 +1,132 @@
+"""Parity references from Keras itself: each Embedding layer called on the parity ids, and the
+whole Keras model against the converted ONNX model on sample inputs.
+
+Keras is the source of truth for a converted model, so these rows say "what Keras serves";
+:mod:`bridge.store_parity` adds every backend and the ONNX model's own Gathers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bridge.errors import InputError
+from bridge.parity import Comparison, LookupFn, ParityReport, compare
+from bridge.store import Store
+from bridge.store_parity import store_parity
+from converters.keras_env import import_keras
+from converters.keras_layers import embedding_layers
+from converters.keras_load import load
+
+#: Keras serves ids in [0, rows) and wraps [-rows, -1]; other policies have no Keras counterpart.
+KERAS_POLICIES = ("error", "wrap")
+#: Whole-model outputs pass through arithmetic after the lookup (pooling, Dense): compared with a tolerance.
+MODEL_ATOL, MODEL_RTOL = 1e-5, 1e-4
+
+
+def _layer_fn(layer: Any) -> LookupFn:
+    _, keras = import_keras()
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        return np.asarray(keras.ops.convert_to_numpy(layer(np.asarray(ids))))
+
+    return run
+
+
+def layer_references(model: Any) -> Callable[[Store], dict[str, dict[str, LookupFn]]]:
+    """A factory: ``store -> {"keras": {table: layer(ids)}}`` from the manifest's Keras sources.
+
+    A table with several source layers (twin layers merged by tf2onnx) gets one reference per
+    layer, named ``keras:<layer path>``.
+    """
+    layers = embedding_layers(model)
+
+    def build(store: Store) -> dict[str, dict[str, LookupFn]]:
+        refs: dict[str, dict[str, LookupFn]] = {}
+        for name in store:
+            sources = [s for s in store[name].sources if s.framework == "keras" and s.layer in layers]
+            for source in sources:
+                label = "keras" if len(sources) == 1 else f"keras:{source.layer}"
+                refs.setdefault(label, {})[name] = _layer_fn(layers[source.layer])
+        return refs
+
+    return build
+
+
+def keras_layer_references(path: str | os.PathLike[str], *, safe_mode: bool = True) -> Callable[[Store], Any]:
+    """:func:`layer_references` for a model file (``.keras`` / ``.h5``, loaded with ``safe_mode``)."""
+    loaded = load(Path(path), safe_mode=safe_mode)
+    if loaded.kind == "saved_model":
+        raise InputError("a SavedModel has no Keras layers to call; pass the .keras or .h5 file to --keras")
+    return layer_references(loaded.model)
+
+
+def sample_inputs(model: Any, store: Store, seed: int = 0, batch: int = 3, length: int = 7) -> dict[str, np.ndarray]:
+    """Inputs for a whole-model comparison: valid ids, vocabulary tokens, or normal floats."""
+    rng = np.random.default_rng(seed)
+    rows = min((store[n].rows for n in store), default=1)
+    tokens = next((store[n].vocab.tokens for n in store if store[n].vocab is not None), None)
+    out = {}
+    for tensor in model.inputs:
+        shape = tuple(batch if i == 0 else (d or length) for i, d in enumerate(tensor.shape))
+        dtype = str(tensor.dtype)
+        if dtype == "string":
+            if tokens is None:
+                raise InputError(f"input {tensor.name!r} takes strings but no table has a vocabulary")
+            out[tensor.name] = rng.choice(np.array(tokens, dtype=object), size=shape)
+        elif dtype.startswith(("int", "uint")):
+            out[tensor.name] = rng.integers(0, rows, size=shape).astype(dtype)
+        else:
+            out[tensor.name] = rng.standard_normal(shape).astype(dtype)
+    return out
+
+
+def model_comparisons(model: Any, onnx_path: Path, inputs: Mapping[str, np.ndarray]) -> list[Comparison]:
+    """Keras model vs the ONNX model in onnxruntime, one row per output, with MODEL_ATOL/MODEL_RTOL."""
+    import onnxruntime as ort
+
+    _, keras = import_keras()
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    feed_names = [i.name for i in session.get_inputs()]
+    feeds = {name: _ort_feed(value) for name, value in zip(feed_names, inputs.values())}
+    got = session.run(None, feeds)
+    expected = model([_keras_feed(v) for v in inputs.values()] if len(inputs) > 1 else _keras_feed(next(iter(inputs.values()))))
+    expected = expected if isinstance(expected, (list, tuple)) else [expected]
+    rows = []
+    for out, ref, cand in zip(session.get_outputs(), expected, got):
+        ref_np = np.asarray(keras.ops.convert_to_numpy(ref))
+        flat_ids = np.arange(ref_np.reshape(-1, ref_np.shape[-1]).shape[0]) if ref_np.ndim else np.zeros(1, np.int64)
+        rows.append(compare(ref_np.reshape(len(flat_ids), -1), np.asarray(cand).reshape(len(flat_ids), -1), flat_ids,
+                            atol=MODEL_ATOL, rtol=MODEL_RTOL, table="(whole model)", backend="onnx-model",
+                            reference_name="keras", case=f"output {out.name}"))
+    return rows
+
+
+def _ort_feed(value: np.ndarray) -> np.ndarray:
+    return value.astype(str) if value.dtype == object else value
+
+
+def _keras_feed(value: np.ndarray) -> Any:
+    if value.dtype == object:
+        import tensorflow as tf
+
+        return tf.constant(value.astype(str))
+    return value
+
+
+def conversion_parity(result: Any, *, backends: tuple[str, ...] = ("numpy", "onnxruntime", "torch"),
+                      inputs: Mapping[str, np.ndarray] | None = None) -> ParityReport:
+    """Parity of a :class:`converters.keras.ConversionResult`: every table on every backend, the ONNX
+    model's own Gathers and the Keras layers (bitwise), and the whole model Keras vs ONNX (tolerance)."""
+    model = result.keras_model
+    keras_refs = layer_references(model) if model is not None and hasattr(model, "layers") else None
+    report = store_parity(result.store, backends=backends, onnx_model=result.onnx_path,
+                          extra_references=keras_refs, verify=False)
+    if keras_refs is not None:
+        feed = inputs if inputs is not None else sample_inputs(model, result.store)
+        report.extend(model_comparisons(model, result.onnx_path, feed))
+    return report

@@ -1,0 +1,121 @@
+"""Vocabularies of ``StringLookup`` / ``IntegerLookup`` layers whose ids feed an ``Embedding``.
+
+The link is read from the Functional graph: an Embedding's input tensor was produced by a
+lookup layer, directly or through the input of a nested Functional model. Subclassed models
+have no graph to read; their tables get no vocabulary.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.vocab import Vocabulary
+from converters.keras_env import import_keras
+from converters.keras_layers import LayerEntry, iter_layers
+
+_MAX_DEPTH = 64
+
+
+@dataclass(frozen=True)
+class LookupVocab:
+    """A lookup layer's vocabulary and what the table metadata records about it."""
+
+    layer: str
+    vocabulary: Vocabulary
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+def _history_op(tensor: Any) -> Any:
+    history = getattr(tensor, "_keras_history", None)
+    if history is None:
+        return None
+    return getattr(history, "operation", None) or (history[0] if isinstance(history, tuple) else None)
+
+
+def _outer_inputs(model: Any, entries: list[LayerEntry]) -> dict[int, list[Any]]:
+    """For each nested Functional model's input tensor, the outer tensors it was called with."""
+    outer: dict[int, list[Any]] = defaultdict(list)
+    for layer in [model, *(e.layer for e in entries)]:
+        inner = getattr(layer, "inputs", None) if hasattr(layer, "_inbound_nodes") else None
+        if not inner:
+            continue
+        for node in getattr(layer, "_inbound_nodes", []):
+            given = list(getattr(node, "input_tensors", []) or [])
+            if len(given) == len(inner):
+                for inner_t, outer_t in zip(inner, given):
+                    outer[id(inner_t)].append(outer_t)
+    return outer
+
+
+def _find_lookup(tensor: Any, outer: dict[int, list[Any]], lookup_types: tuple[type, ...], depth: int = 0) -> Any:
+    op = _history_op(tensor)
+    if op is None or depth > _MAX_DEPTH:
+        return None
+    if isinstance(op, lookup_types):
+        return op if getattr(op, "output_mode", "int") == "int" and not getattr(op, "invert", False) else None
+    if type(op).__name__ == "InputLayer":
+        for given in outer.get(id(tensor), []):
+            found = _find_lookup(given, outer, lookup_types, depth + 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _token_text(token: Any) -> str:
+    if isinstance(token, bytes):
+        return token.decode("utf-8")
+    if hasattr(token, "item") and not isinstance(token, str):
+        token = token.item()
+    return token.decode("utf-8") if isinstance(token, bytes) else str(token)
+
+
+def lookup_vocabulary(lookup: Any, path: str) -> LookupVocab:
+    """A :class:`Vocabulary` of ``lookup`` (mask, OOV ids reserved; integer tokens as decimal strings)."""
+    _, keras = import_keras()
+    integer = isinstance(lookup, keras.layers.IntegerLookup)
+    tokens = [_token_text(t) for t in lookup.get_vocabulary(include_special_tokens=True)]
+    has_mask = lookup.mask_token is not None
+    num_oov = int(lookup.num_oov_indices)
+    first_oov = 1 if has_mask else 0
+    reserved = {"mask": 0} if has_mask else {}
+    for i in range(num_oov):
+        reserved["oov" if i == 0 else f"oov_{i}"] = first_oov + i
+    oov_id = first_oov if num_oov >= 1 else None
+    vocab = Vocabulary(tokens, oov_id=oov_id, reserved=reserved,
+                       source="integer_lookup" if integer else "string_lookup")
+    meta: dict[str, Any] = {
+        "layer": path,
+        "keras_class": type(lookup).__name__,
+        "token_type": "int" if integer else "str",
+        "num_oov_indices": num_oov,
+        "mask_token": None if not has_mask else _token_text(lookup.mask_token),
+        "oov_token": _token_text(lookup.oov_token),
+    }
+    if integer:
+        meta["note"] = "IntegerLookup tokens are integers, stored as decimal strings"
+    if num_oov > 1:
+        last = first_oov + num_oov - 1
+        meta["oov_hashing"] = f"Keras hashes OOV tokens into ids {first_oov}..{last}; oov_id is the first"
+    return LookupVocab(layer=path, vocabulary=vocab, metadata=meta)
+
+
+def embedding_vocabularies(model: Any) -> dict[int, LookupVocab]:
+    """``{id(embedding layer): LookupVocab}`` for Embeddings fed by a lookup layer in ``model``'s graph."""
+    _, keras = import_keras()
+    entries = iter_layers(model)
+    paths = {id(e.layer): e.path for e in entries}
+    outer = _outer_inputs(model, entries)
+    lookup_types = (keras.layers.StringLookup, keras.layers.IntegerLookup)
+    found: dict[int, LookupVocab] = {}
+    for entry in entries:
+        if not isinstance(entry.layer, keras.layers.Embedding):
+            continue
+        for node in getattr(entry.layer, "_inbound_nodes", []):
+            tensors = list(getattr(node, "input_tensors", []) or [])
+            lookup = _find_lookup(tensors[0], outer, lookup_types) if tensors else None
+            if lookup is not None:
+                found[id(entry.layer)] = lookup_vocabulary(lookup, paths.get(id(lookup), lookup.name))
+                break
+    return found
