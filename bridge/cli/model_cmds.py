@@ -28,7 +28,7 @@ def register(sub: Any) -> None:
     add_output(p)
     p.add_argument("--unsafe", action="store_true",
                    help="load .keras files with safe_mode=False (runs code stored in the file; only for trusted files)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: tf2onnx's choice)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check after converting")
     add_json(p)
     p.set_defaults(func=run_convert)
@@ -132,6 +132,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 def result_parity(result: Any) -> Any:
     """Parity of a conversion result (all adapters against Keras and the ONNX model)."""
-    from converters.keras import conversion_parity
+    from converters.keras_parity import conversion_parity
 
+    note("checking parity: Keras layers, the ONNX model and every backend ...")
     return conversion_parity(result)

@@ -1,0 +1,79 @@
+"""Parity for a whole store: every table, every backend, plus the store's ONNX model and any
+framework references (e.g. the Keras model's own layers) given by the caller."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+from bridge.parity import DEFAULT_BACKENDS, LookupFn, ParityReport, table_parity
+from bridge.store import Store, open_store
+
+#: name -> (store -> {table name: ids -> vectors}); a framework reference built once the store is open
+ReferenceFactory = Callable[[Store], Mapping[str, Mapping[str, LookupFn]]]
+
+ONNX_REFERENCE = "onnx-model"
+
+
+def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, LookupFn]:
+    """``{table: ids -> vectors}`` running each table's own Gather of the ONNX model in onnxruntime.
+
+    The model is ``model_path`` or the store's ``model.onnx``; tables are matched by
+    initializer name. Tables whose Gather cannot be cut out (e.g. inside a Loop body) are skipped.
+    """
+    from bridge.errors import UnsupportedError
+    from bridge.onnx_io import load_model
+    from bridge.onnx_reference import onnx_gather_reference
+    from bridge.scan import scan
+
+    path = model_path or (store.path / "model.onnx")
+    if not path.is_file():
+        return {}
+    model = load_model(path)
+    refs = {ref.initializer: ref for ref in scan(model)}
+    out: dict[str, LookupFn] = {}
+    for name in store:
+        ref = refs.get(store.entry(name).get("initializer") or "")
+        if ref is None:
+            continue
+        try:
+            out[name] = onnx_gather_reference(model, ref, path.parent)
+        except UnsupportedError:
+            continue
+    return out
+
+
+def store_parity(
+    store: str | os.PathLike[str] | Store,
+    *,
+    backends: Sequence[str] = DEFAULT_BACKENDS,
+    policy: str = "error",
+    tables: Sequence[str] | None = None,
+    onnx_model: Path | None = None,
+    extra_references: ReferenceFactory | Mapping[str, Mapping[str, LookupFn]] | None = None,
+    verify: bool = True,
+    seed: int = 0,
+) -> ParityReport:
+    """Compare every backend, the ONNX model's own Gathers and ``extra_references`` on every table.
+
+    ``extra_references`` maps a reference name (``"keras"``) to ``{table: ids -> vectors}``, or is
+    a factory building that mapping from the opened store. All comparisons are bitwise: a lookup
+    is a copy.
+    """
+    opened = store if isinstance(store, Store) else open_store(store, verify=verify)
+    names = list(tables) if tables else list(opened)
+    for name in names:
+        opened[name]  # noqa: B018 - raises TableNotFoundError listing the valid names
+    onnx_refs = onnx_references(opened, onnx_model)
+    extras = extra_references(opened) if callable(extra_references) else (extra_references or {})
+    report = ParityReport()
+    for name in names:
+        per_table = {ref: fns[name] for ref, fns in extras.items() if name in fns}
+        if name in onnx_refs:
+            per_table[ONNX_REFERENCE] = onnx_refs[name]
+        report.extend(table_parity(opened[name], backends, policy, extra_references=per_table, seed=seed).comparisons)
+    return report
+
+
+__all__ = ["ONNX_REFERENCE", "onnx_references", "store_parity"]
