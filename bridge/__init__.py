@@ -11,7 +11,10 @@ tensorflow only inside :mod:`converters`.
 
 from __future__ import annotations
 
+from bridge.backends import BACKENDS, Lookup, available_backends, lookup
 from bridge.errors import BridgeError
+from bridge.parity import Comparison, ParityReport, compare, parity_ids, table_parity
+from bridge.policy import POLICIES, IndexPolicy
 from bridge.store import Store, open_store, write_store
 from bridge.table import EmbeddingTable, SourceRef
 from bridge.vocab import Vocabulary
@@ -19,12 +22,23 @@ from bridge.vocab import Vocabulary
 __version__ = "0.1.0"
 
 __all__ = [
+    "BACKENDS",
+    "POLICIES",
     "BridgeError",
+    "Comparison",
+    "IndexPolicy",
+    "Lookup",
+    "ParityReport",
     "EmbeddingTable",
     "SourceRef",
     "Store",
     "Vocabulary",
+    "available_backends",
+    "compare",
+    "lookup",
     "open_store",
+    "parity_ids",
+    "table_parity",
     "write_store",
     "__version__",
 ]

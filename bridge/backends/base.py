@@ -1,0 +1,212 @@
+"""The shared half of every backend: validate ids and apply the index policy once, then gather.
+
+A backend subclasses :class:`Lookup` and implements two hooks (Polygraphy's ``infer`` / ``infer_impl``
+split): ``_setup(threads)`` binds the framework to ``table.data`` without copying it, and
+``_gather(ids, out)`` copies rows into a C-contiguous NumPy buffer. ``_gather`` is only ever called with
+int64 or int32 ids that are all in ``[0, rows)``, at least one of them, and ``out`` of shape
+``ids.shape + (dim,)`` and the table's dtype; ``_wrap(out)`` turns that buffer into the framework's own
+type without a copy (for :meth:`Lookup.native`). The framework is imported inside ``_setup``
+(:func:`require`), so importing an adapter module is free.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from types import ModuleType
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+
+from bridge.errors import BackendError, InputError, VocabularyError
+from bridge.policy import IndexPolicy, as_ids
+from bridge.table import EmbeddingTable
+
+SMALL_BYTES = 1 << 16  # outputs up to this size go through per-thread staging buffers (see ThreadBuffers)
+T = TypeVar("T")
+
+
+def require(module: str, *, backend: str, extra: str | None) -> ModuleType:
+    """Import ``module`` for ``backend`` or raise :class:`BackendError` saying what to install.
+
+    ``extra`` is the pip extra of embedding-bridge that installs it, or ``None`` for a core dependency.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        fix = f"pip install 'embedding-bridge[{extra}]'" if extra else f"pip install {module} (a core dependency)"
+        raise BackendError(
+            f"backend {backend!r} needs the {module!r} package, which cannot be imported ({exc}); "
+            f"install it with: {fix}"
+        ) from exc
+
+
+def as_table(table: EmbeddingTable | np.ndarray) -> EmbeddingTable:
+    """Accept an :class:`EmbeddingTable` or a bare 2-D array (named ``"array"``)."""
+    if isinstance(table, EmbeddingTable):
+        return table
+    if isinstance(table, np.ndarray):
+        return EmbeddingTable(name="array", data=table)
+    raise InputError(f"expected an EmbeddingTable or a 2-D numpy array, got {type(table).__name__}")
+
+
+def contiguous_data(table: EmbeddingTable, backend: str) -> np.ndarray:
+    """``table.data`` as a C-contiguous native-order array; copies (with a warning) only if it is not one."""
+    data = table.data
+    if not data.dtype.isnative:
+        raise BackendError(
+            f"table {table.name!r} has non-native byte order ({data.dtype.str}); convert it once with "
+            "data.astype(data.dtype.newbyteorder('='))"
+        )
+    if data.flags.c_contiguous:
+        return data
+    warnings.warn(
+        f"table {table.name!r} is not C-contiguous; backend {backend!r} copies it ({data.nbytes} bytes). "
+        "Store tables contiguously (np.ascontiguousarray) to serve them without a copy.",
+        ResourceWarning,
+        stacklevel=5,  # contiguous_data < _setup < Lookup.__init__ < backends.lookup < caller
+    )
+    return np.ascontiguousarray(data)
+
+
+class ThreadBuffers(Generic[T]):
+    """Per-thread buffers built once per ids shape by ``build(shape)`` and reused by later calls.
+
+    For small batches, wrapping the caller's arrays as framework objects (two ``torch.from_numpy`` or
+    two OrtValues) costs more than copying a few ids in and a few rows out of buffers wrapped once. Each
+    thread has its own set, so calls from several threads never share a buffer; a thread keeps at most
+    ``max_shapes`` sets (SMALL_BYTES of output each), and drops them all when it needs a new one beyond that.
+    """
+
+    def __init__(self, build: Callable[[tuple[int, ...]], T], max_shapes: int = 16) -> None:
+        self._build = build
+        self._local = threading.local()
+        self._max_shapes = max_shapes
+
+    def get(self, shape: tuple[int, ...]) -> T:
+        cache: dict[tuple[int, ...], T] = self._local.__dict__
+        found = cache.get(shape)
+        if found is None:
+            if len(cache) >= self._max_shapes:
+                cache.clear()
+            found = cache[shape] = self._build(shape)
+        return found
+
+
+class Lookup(ABC):
+    """Ids -> vectors for one table on one backend, with one index policy.
+
+    Call it with ids of any integer dtype and shape to get an ndarray of shape ``ids.shape + (dim,)`` and
+    the table's dtype; :meth:`native` returns the framework's own type and :meth:`tokens` looks tokens up
+    through ``table.vocab``. Instances hold no per-call state and may be shared between threads.
+    """
+
+    backend: ClassVar[str]
+    framework: ClassVar[str | None] = None  # module the backend imports, None for numpy
+    extra: ClassVar[str | None] = None  # pip extra of embedding-bridge that installs it (None: core dependency)
+
+    def __init__(
+        self,
+        table: EmbeddingTable | np.ndarray,
+        policy: str = "error",
+        *,
+        oov_id: int | None = None,
+        threads: int = 1,
+    ) -> None:
+        self.table = as_table(table)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        chosen_oov = oov_id if oov_id is not None else self.table.oov_id
+        self.index_policy = IndexPolicy.create(policy, self.table.rows, oov_id=chosen_oov, table=self.table.name)
+        self.threads = threads
+        self.dtype: np.dtype[Any] = self.table.dtype
+        self._tail = (self.table.dim,)
+        self._gatherable = self.table.rows > 0 and self.table.dim > 0
+        self._setup(threads)
+
+    @property
+    def policy(self) -> str:
+        """Name of the index policy (``error``, ``clip``, ``zero``, ``oov`` or ``wrap``)."""
+        return self.index_policy.name
+
+    @property
+    def oov_id(self) -> int | None:
+        """The row the ``oov`` policy returns for bad ids (``None`` under the other policies)."""
+        return self.index_policy.oov_id
+
+    def __call__(self, ids: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """Look up ``ids``; write into ``out`` (C-contiguous, right shape and dtype) and return it if given."""
+        safe, zero = self.index_policy.apply(as_ids(ids))
+        if out is None:
+            out = np.empty(safe.shape + self._tail, self.dtype)
+        else:
+            self._check_out(out, safe.shape)
+        if safe.size and self._gatherable:
+            self._gather(safe, out)
+        if zero is not None:
+            out[zero] = 0
+        return out
+
+    def native(self, ids: Any, out: np.ndarray | None = None) -> Any:
+        """Like calling the lookup, but return the framework's type (torch.Tensor, OrtValue, ndarray).
+
+        The result shares memory with the NumPy output buffer (``out`` if given); no copy is made.
+        """
+        return self._wrap(self(ids, out=out))
+
+    def tokens(self, tokens: Iterable[str] | str, out: np.ndarray | None = None) -> np.ndarray:
+        """Look up tokens through ``table.vocab``.
+
+        An unknown token maps to the vocabulary's ``oov_id`` when it has one (Keras ``StringLookup``);
+        otherwise the index policy decides: ``zero`` gives a zero vector, ``oov`` the OOV row, and
+        ``error``/``clip``/``wrap`` raise :class:`VocabularyError` naming the token.
+        """
+        vocab = self.table.vocab
+        if vocab is None:
+            raise VocabularyError(
+                f"table {self.table.name!r} has no vocabulary, so tokens cannot be looked up; "
+                "look up ids with lookup(ids) or attach a Vocabulary to the table"
+            )
+        if vocab.oov_id is None and self.policy in ("zero", "oov"):
+            ids = vocab.ids(tokens, missing=-1)  # -1 is out of range: the policy maps it
+        else:
+            ids = vocab.ids(tokens)
+        return self(ids, out=out)
+
+    def _check_out(self, out: np.ndarray, shape: tuple[int, ...]) -> None:
+        want = shape + self._tail
+        if not isinstance(out, np.ndarray) or out.shape != want or out.dtype != self.dtype:
+            self._bad_out(out, want)
+        flags = out.flags
+        if not (flags.c_contiguous and flags.writeable):
+            self._bad_out(out, want)
+
+    def _bad_out(self, out: Any, want: tuple[int, ...]) -> None:
+        got = f"{type(out).__name__} {getattr(out, 'shape', '?')} {getattr(out, 'dtype', '?')}"
+        if isinstance(out, np.ndarray):
+            got += f" (C-contiguous={out.flags.c_contiguous}, writable={out.flags.writeable})"
+        raise InputError(
+            f"out= must be a writable C-contiguous numpy array of shape {want} and dtype {self.dtype}, "
+            f"got {got}; allocate it with np.empty({want}, dtype=lookup.dtype)"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(table={self.table.name!r}, shape={self.table.shape}, "
+            f"dtype={self.dtype}, policy={self.policy!r})"
+        )
+
+    @abstractmethod
+    def _setup(self, threads: int) -> None:
+        """Import the framework and bind it to ``self.table.data`` without copying it."""
+
+    @abstractmethod
+    def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """Copy rows ``ids`` (int64/int32, all valid, non-empty) into ``out`` (``ids.shape + (dim,)``)."""
+
+    def _wrap(self, out: np.ndarray) -> Any:
+        """The framework's own view of an output buffer (no copy); NumPy returns it unchanged."""
+        return out

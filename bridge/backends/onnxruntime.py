@@ -1,0 +1,155 @@
+"""onnxruntime backend: a one-node Gather graph run over the table's own memory.
+
+The graph declares the table as a ``[1, dim]`` placeholder initializer;
+``SessionOptions.add_initializer`` overrides it with an OrtValue that wraps ``table.data`` (also a
+read-only memory map) without a copy. That OrtValue must outlive the session, or session creation and
+runs read freed memory: the lookup keeps it in ``self._table_value`` next to ``self.session``.
+
+Each call runs ``run_with_ortvaluevector`` with OrtValues bound to NumPy buffers, so onnxruntime writes
+straight into the output (``session.run`` allocates and costs 7.5 us at batch 1). Large batches bind the
+caller's ids and output directly. Small batches (at most ``SMALL_BYTES`` of output) reuse per-thread
+buffers whose OrtValues are built once per ids shape (:class:`~bridge.backends.base.ThreadBuffers`):
+wrapping two arrays as OrtValues costs more than copying a few rows in and out. onnxruntime's CPU Gather
+serves bfloat16; its OrtValues are built over the uint16 bit pattern with
+``ortvalue_from_numpy_with_onnx_type``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from bridge.backends.base import SMALL_BYTES, Lookup, ThreadBuffers, contiguous_data, require
+from bridge.errors import BackendError
+
+# table dtype name -> (ONNX element type, dtype the OrtValue is built from)
+_DTYPES: dict[str, tuple[int, str]] = {
+    "float16": (TensorProto.FLOAT16, "float16"),
+    "float32": (TensorProto.FLOAT, "float32"),
+    "float64": (TensorProto.DOUBLE, "float64"),
+    "bfloat16": (TensorProto.BFLOAT16, "uint16"),
+    "int8": (TensorProto.INT8, "int8"),
+    "uint8": (TensorProto.UINT8, "uint8"),
+    "int16": (TensorProto.INT16, "int16"),
+    "int32": (TensorProto.INT32, "int32"),
+    "int64": (TensorProto.INT64, "int64"),
+}
+TABLE, IDS, VECTORS = "table", "ids", "vectors"
+_INT64 = int(TensorProto.INT64)
+
+
+def gather_model(elem_type: int, dim: int, itemsize: int) -> onnx.ModelProto:
+    """``vectors = Gather(table, ids, axis=0)`` with a zero ``[1, dim]`` placeholder for ``table``."""
+    placeholder = helper.make_tensor(TABLE, elem_type, [1, dim], bytes(itemsize * dim), raw=True)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", [TABLE, IDS], [VECTORS], axis=0)],
+        "embedding_bridge_gather",
+        [helper.make_tensor_value_info(IDS, TensorProto.INT64, None)],
+        [helper.make_tensor_value_info(VECTORS, elem_type, None)],
+        [placeholder],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+
+
+class OnnxruntimeLookup(Lookup):
+    """Gathers with an onnxruntime session (CPU, ``threads`` intra-op threads) into the output buffer."""
+
+    backend: ClassVar[str] = "onnxruntime"
+    framework: ClassVar[str | None] = "onnxruntime"
+    extra: ClassVar[str | None] = None  # onnxruntime is a core dependency
+
+    def _setup(self, threads: int) -> None:
+        ort = require("onnxruntime", backend=self.backend, extra=self.extra)
+        name = str(self.dtype)
+        if name not in _DTYPES:
+            raise BackendError(
+                f"table {self.table.name!r} has dtype {name}, which the onnxruntime backend does not serve; "
+                f"supported: {', '.join(_DTYPES)}"
+            )
+        elem, carrier = _DTYPES[name]
+        self._elem = int(elem)
+        self._carrier = np.dtype(carrier)
+        self._same = self._carrier == self.dtype
+        data = contiguous_data(self.table, self.backend).view(self._carrier)
+        self._table_value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(data, self._elem)  # keep alive
+        self.session = ort.InferenceSession(
+            gather_model(self._elem, self.table.dim, self.dtype.itemsize).SerializeToString(),
+            self._session_options(ort, threads),
+            providers=["CPUExecutionProvider"],
+        )
+        self._bind_fast_path(ort)
+        self._probe()
+
+    def _session_options(self, ort: Any, threads: int) -> Any:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.add_initializer(TABLE, self._table_value)
+        return options
+
+    def _bind_fast_path(self, ort: Any) -> None:
+        capi = ort.capi._pybind_state  # OrtValueVector and the raw OrtValue factories live only here
+        device = capi.OrtDevice(capi.OrtDevice.cpu(), capi.OrtDevice.default_memory(), 0)
+        self._vector = capi.OrtValueVector
+        self._value = capi.OrtValue.ortvalue_from_numpy_with_onnx_type  # no copy, explicit ONNX type
+        self._devices = [device]
+        self._feed_names, self._fetch_names = [IDS], [VECTORS]
+        self._run_options = ort.RunOptions()  # read-only during runs: shared by all calls and threads
+        self._run = self.session.run_with_ortvaluevector
+        self._ort_value = ort.OrtValue
+        self._ort_version = ort.__version__
+        self._staging = ThreadBuffers(self._bind)
+        self._row_bytes = max(1, self.table.dim * self.dtype.itemsize)
+
+    def _probe(self) -> None:
+        """Check once, on both paths, that onnxruntime writes into the bound output buffer."""
+        if not self._gatherable:
+            return
+        for n in (1, SMALL_BYTES // self._row_bytes + 1):
+            out = np.empty((n, self.table.dim), self.dtype)
+            out.view(np.uint8)[...] = 0xA5
+            self._gather(np.zeros(n, np.int64), out)
+            if out[-1:].tobytes() != np.asarray(self.table.data[:1]).tobytes():
+                raise BackendError(
+                    f"onnxruntime {self._ort_version} did not write into the bound output buffer; "
+                    "use backend='numpy' or 'torch', or onnxruntime 1.31"
+                )
+
+    def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
+        if out.nbytes <= SMALL_BYTES:
+            self._gather_small(ids, out)
+        else:
+            self._gather_large(ids, out)
+
+    def _gather_large(self, ids: np.ndarray, out: np.ndarray) -> None:
+        ids64 = np.ascontiguousarray(ids, dtype=np.int64)  # >= 1-D; named: ORT reads it during the run
+        dst = out if self._same else out.view(self._carrier)
+        feeds = self._vector()
+        feeds.push_back(self._value(ids64, _INT64))
+        fetches = self._vector()
+        fetches.push_back(self._value(dst.reshape(1, -1) if ids.ndim == 0 else dst, self._elem))
+        self._run(self._run_options, self._feed_names, feeds, self._fetch_names, fetches, self._devices)
+
+    def _gather_small(self, ids: np.ndarray, out: np.ndarray) -> None:
+        ids_buf, out_buf, feeds, fetches = self._staging.get(ids.shape)
+        ids_buf[...] = ids
+        self._run(self._run_options, self._feed_names, feeds, self._fetch_names, fetches, self._devices)
+        (out if self._same else out.view(self._carrier))[...] = out_buf
+
+    def _bind(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, Any, Any]:
+        """Staging buffers for ``shape`` and the OrtValues over them (kept together: they share memory)."""
+        ids_buf = np.zeros(shape, np.int64)
+        out_buf = np.empty(shape + (self.table.dim,), self._carrier)
+        feeds = self._vector()
+        feeds.push_back(self._value(ids_buf, _INT64))
+        fetches = self._vector()
+        fetches.push_back(self._value(out_buf, self._elem))
+        return ids_buf, out_buf, feeds, fetches
+
+    def _wrap(self, out: np.ndarray) -> Any:
+        bits = out if self._same else out.view(self._carrier)
+        return self._ort_value.ortvalue_from_numpy_with_onnx_type(bits, self._elem)

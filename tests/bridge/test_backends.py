@@ -1,0 +1,398 @@
+"""Every backend against np.take, bit for bit, under every index policy; every test runs on all three."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import subprocess
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import bridge.backends as backends
+from bridge.backends.base import require
+from bridge.errors import BackendError, IdError, InputError, VocabularyError
+from bridge.policy import POLICIES
+from bridge.table import EmbeddingTable
+from bridge.vocab import Vocabulary
+
+REPO = Path(__file__).resolve().parents[2]
+FRAMEWORK = {"numpy": None, "onnxruntime": "onnxruntime", "torch": "torch"}
+ROWS, DIM, OOV = 50, 6, 2
+TABLE_DTYPES = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+}
+ID_DTYPES = [np.int32, np.int64, np.uint8, np.uint64]
+SHAPES = {"0d": (), "1d": (7,), "3d": (3, 5, 2), "empty": (0,)}
+
+
+@pytest.fixture(params=list(FRAMEWORK))
+def backend(request: pytest.FixtureRequest) -> str:
+    name: str = request.param
+    if FRAMEWORK[name]:
+        pytest.importorskip(FRAMEWORK[name])
+    return name
+
+
+def make_data(dtype: np.dtype, rows: int = ROWS, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    """Random values plus the awkward ones a copy must keep: NaN, -0.0, +-inf."""
+    rng = np.random.default_rng(seed)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, int(info.max) + 1, size=(rows, dim)).astype(dtype)
+    data = (rng.standard_normal((rows, dim)) * 10).astype(dtype)
+    data[3] = np.nan
+    data[4, :3] = (-0.0, np.inf, -np.inf)
+    return data
+
+
+@functools.cache
+def table(dtype_name: str) -> EmbeddingTable:
+    data = make_data(np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name))
+    data.setflags(write=False)  # like a store's read-only memory map
+    vocab = Vocabulary([f"w{i}" for i in range(ROWS)])
+    return EmbeddingTable(name=f"t_{dtype_name}", data=data, vocab=vocab, oov_id=OOV)
+
+
+@functools.cache
+def cached_lookup(backend: str, dtype_name: str, policy: str) -> backends.Lookup:
+    return backends.lookup(table(dtype_name), backend, policy)
+
+
+def expected_vectors(data: np.ndarray, policy: str, ids: np.ndarray) -> np.ndarray:
+    """What each policy means, written per id with Python ints (independent of bridge.policy)."""
+    rows = data.shape[0]
+
+    def row(v: int) -> np.ndarray:
+        if 0 <= v < rows:
+            return data[v]
+        if policy == "clip":
+            return data[0 if v < 0 else rows - 1]
+        if policy == "zero":
+            return np.zeros(data.shape[1], data.dtype)
+        if policy == "oov":
+            return data[OOV]
+        assert policy == "wrap" and -rows <= v < 0, "expected an error"
+        return data[v + rows]
+
+    flat = [row(int(v)) for v in ids.reshape(-1).tolist()]
+    return np.array(flat, dtype=data.dtype).reshape(ids.shape + (data.shape[1],))
+
+
+def assert_bitwise(got: np.ndarray, want: np.ndarray) -> None:
+    assert isinstance(got, np.ndarray)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert got.tobytes() == want.tobytes()
+
+
+# --- the policy x dtype x id dtype x shape matrix ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("id_dtype", ID_DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("dtype_name", list(TABLE_DTYPES))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_valid_ids_equal_np_take(backend: str, policy: str, dtype_name: str, id_dtype: type, shape: tuple) -> None:
+    ids = np.array(np.random.default_rng(1).integers(0, ROWS, size=shape), dtype=id_dtype)
+    got = cached_lookup(backend, dtype_name, policy)(ids)
+    assert_bitwise(got, np.take(table(dtype_name).data, ids.astype(np.int64), axis=0))
+
+
+BAD_IDS = [
+    (ROWS, np.int32),
+    (ROWS, np.uint8),
+    (-1, np.int64),
+    (-1, np.int32),
+    (-ROWS - 1, np.int64),
+    (2**63 + 5, np.uint64),
+]
+BAD_SHAPES = {"0d": ((), ()), "1d": ((7,), (4,)), "3d": ((3, 5, 2), (2, 1, 0))}
+
+
+@pytest.mark.parametrize("where", list(BAD_SHAPES.values()), ids=list(BAD_SHAPES))
+@pytest.mark.parametrize(("bad", "id_dtype"), BAD_IDS, ids=[f"{b}-{np.dtype(d).name}" for b, d in BAD_IDS])
+@pytest.mark.parametrize("dtype_name", list(TABLE_DTYPES))
+@pytest.mark.parametrize("policy", POLICIES)
+def test_bad_ids_follow_policy(
+    backend: str, policy: str, dtype_name: str, bad: int, id_dtype: type, where: tuple
+) -> None:
+    shape, position = where
+    ids = np.array(np.random.default_rng(2).integers(0, ROWS, size=shape), dtype=id_dtype)
+    ids[position] = bad
+    lookup = cached_lookup(backend, dtype_name, policy)
+    if policy == "error" or (policy == "wrap" and not -ROWS <= bad < 0):
+        with pytest.raises(IdError, match=re.escape(f"id {bad} at position {position!r}")):
+            lookup(ids)
+        return
+    assert_bitwise(lookup(ids), expected_vectors(table(dtype_name).data, policy, ids))
+
+
+@pytest.mark.parametrize(
+    "ids", [np.array([1.0]), np.array([True, False]), np.array(["w1"]), [0.5], "w1", None], ids=repr
+)
+def test_non_integer_ids_raise_id_error(backend: str, ids: object) -> None:
+    with pytest.raises(IdError, match="dtype"):
+        cached_lookup(backend, "float32", "clip")(ids)
+
+
+def test_python_ints_and_lists(backend: str) -> None:
+    lookup = cached_lookup(backend, "float32", "error")
+    data = table("float32").data
+    assert_bitwise(lookup(7), data[7])
+    assert_bitwise(lookup([[1, 2], [3, 49]]), data[[[1, 2], [3, 49]]])
+    assert_bitwise(lookup([]), np.empty((0, DIM), np.float32))
+
+
+def test_strided_ids(backend: str) -> None:
+    ids = np.arange(40, dtype=np.int64).reshape(5, 8)[:, ::-3]  # non-contiguous, negative stride
+    assert_bitwise(cached_lookup(backend, "float32", "error")(ids), table("float32").data[ids])
+
+
+@pytest.mark.parametrize("dtype_name", list(TABLE_DTYPES))
+def test_large_batches_and_wide_rows(backend: str, dtype_name: str) -> None:
+    """Outputs beyond the small-batch staging size take each backend's direct path."""
+    lookup = cached_lookup(backend, dtype_name, "wrap")
+    ids = np.random.default_rng(5).integers(-ROWS, ROWS, size=(40, 500)).astype(np.int32)
+    assert_bitwise(lookup(ids), expected_vectors(table(dtype_name).data, "wrap", ids))
+    wide = make_data(TABLE_DTYPES[dtype_name], rows=6, dim=40_000)
+    wide_lookup = backends.lookup(wide, backend)
+    for ids in (np.array(3), np.array([[3, 0], [1, 1]], np.uint8)):
+        assert_bitwise(wide_lookup(ids), np.take(wide, ids, axis=0))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.int8], ids=["float64", "int8"])
+def test_float64_and_int8_tables(backend: str, dtype: type) -> None:
+    data = make_data(np.dtype(dtype))
+    ids = np.array([[0, 49], [3, 4]], np.int64)
+    got = backends.lookup(EmbeddingTable("t", data), backend)(ids)
+    assert_bitwise(got, np.take(data, ids, axis=0))
+
+
+# --- out=, native(), tokens() ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype_name", list(TABLE_DTYPES))
+def test_out_is_filled_and_returned(backend: str, dtype_name: str) -> None:
+    lookup = cached_lookup(backend, dtype_name, "zero")
+    ids = np.array([[5, 60], [-1, 49]], np.int64)
+    out = np.empty((2, 2, DIM), TABLE_DTYPES[dtype_name])
+    out.view(np.uint8)[...] = 0xA5  # sentinel: a skipped write would show
+    assert lookup(ids, out=out) is out
+    assert_bitwise(out, expected_vectors(table(dtype_name).data, "zero", ids))
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        np.empty((3, DIM), np.float32),
+        np.empty((2, DIM), np.float64),
+        np.empty((DIM, 2), np.float32).T,
+        np.empty((2, DIM), np.float32).tolist(),
+    ],
+    ids=["shape", "dtype", "not-contiguous", "list"],
+)
+def test_bad_out_raises_input_error(backend: str, out: object) -> None:
+    with pytest.raises(InputError, match="out="):
+        cached_lookup(backend, "float32", "error")(np.array([1, 2]), out=out)  # type: ignore[arg-type]
+
+
+def test_read_only_out_raises(backend: str) -> None:
+    out = np.empty((2, DIM), np.float32)
+    out.setflags(write=False)
+    with pytest.raises(InputError, match="writable"):
+        cached_lookup(backend, "float32", "error")(np.array([1, 2]), out=out)
+
+
+@pytest.mark.parametrize("dtype_name", list(TABLE_DTYPES))
+def test_native_type_shares_the_output_buffer(backend: str, dtype_name: str) -> None:
+    lookup = cached_lookup(backend, dtype_name, "error")
+    ids = np.array([[1, 2, 3]], np.int32)
+    out = np.empty((1, 3, DIM), TABLE_DTYPES[dtype_name])
+    value = lookup.native(ids, out=out)
+    want = np.take(table(dtype_name).data, ids, axis=0)
+    assert_bitwise(out, want)
+    if backend == "numpy":
+        assert value is out
+    elif backend == "torch":
+        import torch
+
+        assert isinstance(value, torch.Tensor)
+        assert value.dtype == getattr(torch, dtype_name) and tuple(value.shape) == want.shape
+        assert value.data_ptr() == out.ctypes.data
+        assert value.view(torch.int16 if dtype_name != "float32" else torch.int32).numpy().tobytes() == want.tobytes()
+    else:
+        import onnxruntime
+
+        assert isinstance(value, onnxruntime.OrtValue)
+        onnx_name = {"float32": "float", "float16": "float16", "bfloat16": "bfloat16"}[dtype_name]
+        assert value.data_type() == f"tensor({onnx_name})" and value.shape() == [1, 3, DIM]
+        assert value.data_ptr() == out.ctypes.data
+
+
+def test_native_without_out(backend: str) -> None:
+    value = cached_lookup(backend, "float32", "error").native(np.array([7]))
+    assert np.asarray(value).tobytes() == table("float32").data[[7]].tobytes()
+
+
+def with_vocab(vocab: Vocabulary | None, oov_id: int | None = OOV) -> EmbeddingTable:
+    return EmbeddingTable("v", table("float32").data, vocab=vocab, oov_id=oov_id)
+
+
+def test_tokens_with_vocabulary_oov_id(backend: str) -> None:
+    vocab = Vocabulary(["[UNK]"] + [f"w{i}" for i in range(1, ROWS)], oov_id=0)
+    for policy in POLICIES:
+        lookup = backends.lookup(with_vocab(vocab), backend, policy)
+        got = lookup.tokens(["w5", "nope", "w49"])
+        assert_bitwise(got, table("float32").data[[5, 0, 49]])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_tokens_without_vocabulary_oov_follow_policy(backend: str, policy: str) -> None:
+    vocab = Vocabulary([f"w{i}" for i in range(ROWS)])
+    lookup = backends.lookup(with_vocab(vocab), backend, policy)
+    data = table("float32").data
+    assert_bitwise(lookup.tokens("w9"), data[9])
+    if policy in ("error", "clip", "wrap"):
+        with pytest.raises(VocabularyError, match="'nope'"):
+            lookup.tokens(["w1", "nope"])
+        return
+    want = np.stack([data[1], np.zeros(DIM, np.float32) if policy == "zero" else data[OOV]])
+    assert_bitwise(lookup.tokens(["w1", "nope"]), want)
+
+
+def test_tokens_need_a_vocabulary(backend: str) -> None:
+    with pytest.raises(VocabularyError, match="no vocabulary"):
+        backends.lookup(with_vocab(None), backend).tokens(["w1"])
+
+
+# --- construction, registry, framework specifics -----------------------------------------------------------
+
+
+def test_attributes_and_threads(backend: str) -> None:
+    lookup = backends.lookup(table("float32"), backend, "oov", oov_id=7, threads=2)
+    assert (lookup.backend, lookup.policy, lookup.oov_id, lookup.threads) == (backend, "oov", 7, 2)
+    assert lookup.table is table("float32")
+    assert_bitwise(lookup(np.array([60, 1])), table("float32").data[[7, 1]])
+    with pytest.raises(InputError, match="threads"):
+        backends.lookup(table("float32"), backend, threads=0)
+
+
+def test_oov_policy_needs_a_row(backend: str) -> None:
+    with pytest.raises(InputError, match="oov_id"):
+        backends.lookup(with_vocab(None, oov_id=None), backend, "oov")
+
+
+def test_bare_array_table(backend: str) -> None:
+    data = make_data(np.dtype(np.float32), rows=5)
+    assert_bitwise(backends.lookup(data, backend)(np.array([4, 0])), data[[4, 0]])
+
+
+def test_read_only_table_gives_no_warning(backend: str) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lookup = backends.lookup(table("float16"), backend)
+    assert not table("float16").data.flags.writeable
+    assert_bitwise(lookup(np.array([2])), table("float16").data[[2]])
+
+
+def test_non_contiguous_table_is_served_correctly(backend: str) -> None:
+    data = make_data(np.dtype(np.float32), rows=8, dim=12)[:, ::2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        lookup = backends.lookup(EmbeddingTable("strided", data), backend)
+    assert_bitwise(lookup(np.array([7, 0])), data[[7, 0]])
+
+
+def test_empty_table(backend: str) -> None:
+    empty = EmbeddingTable("empty", np.zeros((0, DIM), np.float32))
+    assert backends.lookup(empty, backend)(np.array([], np.int64)).shape == (0, DIM)
+    assert_bitwise(backends.lookup(empty, backend, "zero")(np.array([3])), np.zeros((1, DIM), np.float32))
+    with pytest.raises(IdError):
+        backends.lookup(empty, backend)(np.array([0]))
+
+
+def test_unknown_backend_lists_valid_names() -> None:
+    with pytest.raises(BackendError, match="numpy, onnxruntime, torch"):
+        backends.lookup(table("float32"), "tensorflow")
+    assert set(backends.available_backends()) <= set(backends.BACKENDS)
+
+
+def test_missing_framework_says_what_to_install(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if FRAMEWORK[backend] is None:
+        with pytest.raises(BackendError, match=r"pip install 'embedding-bridge\[extra\]'"):
+            require("embedding_bridge_no_such_module", backend="x", extra="extra")
+        return
+    monkeypatch.setitem(sys.modules, FRAMEWORK[backend], None)  # makes `import <framework>` fail
+    fix = r"pip install 'embedding-bridge\[torch\]'" if backend == "torch" else "pip install onnxruntime"
+    with pytest.raises(BackendError, match=rf"backend '{backend}' needs .*{fix}"):
+        backends.lookup(table("float32"), backend)
+
+
+def test_thread_safety(backend: str) -> None:
+    lookup = cached_lookup(backend, "bfloat16", "zero")
+    batches = [np.random.default_rng(s).integers(-5, ROWS + 5, size=(s % 7 + 1, 3)) for s in range(64)]
+    serial = [lookup(ids).tobytes() for ids in batches]
+    results: dict[int, list[bytes]] = {}
+
+    def work(k: int) -> None:
+        results[k] = [lookup(ids).tobytes() for ids in batches[k:] + batches[:k]]
+
+    for _ in range(3):
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for k in range(8):
+            assert results[k] == serial[k:] + serial[:k]
+
+
+NO_COPY_SCRIPT = r"""
+import json, sys
+import numpy as np
+import onnxruntime, torch  # frameworks load first: their own memory is not the table's
+from bridge.backends import lookup
+from bridge.table import EmbeddingTable
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+data = np.load(sys.argv[1], mmap_mode="r", allow_pickle=False)
+table = EmbeddingTable("big", data)
+before = rss()
+lookups = [lookup(table, name) for name in ("numpy", "onnxruntime", "torch")]
+created = rss()
+ids = np.array([0, data.shape[0] - 1, 12345])
+same = all(lk(ids).tobytes() == np.asarray(data[ids]).tobytes() for lk in lookups)
+print(json.dumps({"table": data.nbytes, "created": created - before, "used": rss() - before, "same": same}))
+"""
+
+
+def test_no_copy_of_a_memory_mapped_table(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "big.npy"
+    rows, dim = 300_000, 256  # 307 MB of float32
+    big = np.zeros((rows, dim), np.float32)
+    big[::1000] = np.arange(dim, dtype=np.float32)
+    np.save(path, big)
+    del big
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_COPY_SCRIPT, str(path)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["same"]
+    assert report["created"] < 0.25 * report["table"], report
+    assert report["used"] < 0.25 * report["table"], report
