@@ -12,10 +12,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from bridge.cli import model_cmds, serve_cmds
+from bridge.cli import model_cmds, serve_cmds, share_cmds
 from bridge.errors import BridgeError
 
-_COMMANDS = (model_cmds, serve_cmds)
+_COMMANDS = (model_cmds, serve_cmds, share_cmds)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,247 @@
+"""``embridge share``: one store for the tables of many models, and the models rewritten to read it.
+
+Identical tables (same bytes, shape and dtype) across the given models are stored once. Each model
+is rewritten into the store directory as ``<stem>.onnx`` with its table initializers turned into
+ONNX external data pointing at the store's ``.npy`` files (``location = "tables/x.npy"``,
+``offset = data_offset``, ``length = nbytes``), so onnxruntime memory-maps one copy of each table
+for every model and every process. Other external data of a model is copied to
+``<stem>.onnx.data`` next to it. With ``cut=True`` the lookups themselves are cut out of the models
+(:mod:`bridge.cut`): the vectors become model inputs, fed by the bridge.
+
+Every rewritten model is run against its original in onnxruntime on sample inputs before anything
+is written; outputs must be bitwise equal. The manifest lists each model under ``files`` (sha256)
+and, under ``provenance["models"]``, its source, the tables it reads and its cuts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bridge import dtypes, manifest as mf
+from bridge.atomic import atomic_directory
+from bridge.cut import CutModel, CutSpec, TableCut, cut_gathers, feed_cut_model
+from bridge.errors import InputError
+from bridge.external import external_tensors, move_external_tensors, point_initializer_at_file, save_model
+from bridge.npyio import file_sha256
+from bridge.progress import byte_bar
+from bridge.onnx_io import external_data_info, initializer_array, load_model, safe_child_path
+from bridge.scan import TableRef, default_table_name, scan, table_tensor
+from bridge.share_check import CheckResult, check_rewrite, model_inputs, ort_session
+from bridge.store import Store, build_store_files, open_store
+from bridge.table import EmbeddingTable
+
+__all__ = ["CutSpec", "ShareResult", "SharedModel", "feed_cut_model", "share", "table_digest"]
+
+_HASH_CHUNK = 8 * 1024 * 1024
+_CUTTABLE_VIA = frozenset({"Identity"})
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    """One rewritten model: where it came from, the tables it reads, its cuts, and its check."""
+
+    source: str
+    source_sha256: str
+    file: str
+    tables: dict[str, str]
+    cut: tuple[CutSpec, ...] = ()
+    kept: tuple[str, ...] = ()
+    data_file: str | None = None
+    check: CheckResult = CheckResult(None, "not checked")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "source_sha256": self.source_sha256, "file": self.file,
+                "tables": dict(self.tables),
+                "cut": [c.to_json() for c in self.cut], "kept": list(self.kept), "data_file": self.data_file,
+                **self.check.to_json()}
+
+
+@dataclass(frozen=True)
+class ShareResult:
+    """What :func:`share` wrote: the store (tables + models), and the bytes before and after."""
+
+    store: Store
+    models: tuple[SharedModel, ...]
+    source_bytes: int
+    shared_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"store": str(self.store.path), "tables": self.store.manifest["tables"],
+                "models": [m.to_json() for m in self.models],
+                "source_bytes": self.source_bytes, "shared_bytes": self.shared_bytes}
+
+
+@dataclass
+class _Source:
+    path: Path
+    model: onnx.ModelProto
+    refs: list[TableRef]
+    tables: dict[tuple[str, str], str] = field(default_factory=dict)  # (graph, initializer) -> table
+
+
+@dataclass
+class _Slot:
+    table: EmbeddingTable
+    users: list[dict[str, str]]
+
+
+def share(
+    model_paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    cut: bool = False,
+    verify: bool = True,
+) -> ShareResult:
+    """Write one store in ``out_dir`` with the deduplicated tables of ``model_paths``, and the rewritten models.
+
+    With ``cut``, gathers are cut out where that is exact (see :mod:`bridge.cut`). With ``verify``
+    (default), each rewritten model must give bitwise the same outputs as its original on sample
+    inputs, else :class:`~bridge.errors.ParityError` and nothing is written.
+    """
+    sources = [_read_source(p) for p in _unique_paths(model_paths)]
+    slots = _dedupe(sources)
+    source_bytes = sum(_source_bytes(s) for s in sources)
+    with atomic_directory(out_dir, force=force) as staging:
+        manifest = build_store_files(staging, [s.table for s in slots.values()],
+                                     provenance={"tool": "embridge share", "cut": cut})
+        store = Store(staging, manifest)
+        taken = {"manifest"}
+        models = [_write_model(src, staging, store, mf.safe_file_stem(src.path.stem, taken), cut, verify)
+                  for src in sources]
+        manifest["provenance"]["models"] = {m.file: m.to_json() for m in models}
+        for m in models:
+            for rel in filter(None, (m.file, m.data_file)):
+                manifest["files"][rel] = {"sha256": file_sha256(staging / rel), "bytes": (staging / rel).stat().st_size}
+        (staging / mf.MANIFEST).write_bytes(mf.write_manifest_bytes(manifest))
+    written = open_store(out_dir, verify=False)
+    shared_bytes = sum(p.stat().st_size for p in Path(out_dir).rglob("*") if p.is_file())
+    return ShareResult(written, tuple(models), source_bytes, shared_bytes)
+
+
+def _unique_paths(model_paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    paths = [Path(p) for p in model_paths]
+    if not paths:
+        raise InputError("no models given; pass one or more .onnx files")
+    seen: dict[Path, Path] = {}
+    for p in paths:
+        key = p.resolve()
+        if key in seen:
+            raise InputError(f"model {str(p)!r} is given twice (also as {str(seen[key])!r}); pass each model once")
+        seen[key] = p
+    return paths
+
+
+def _read_source(path: Path) -> _Source:
+    model = load_model(path)
+    refs = scan(model)
+    if not refs:
+        raise InputError(f"{str(path)!r} has no embedding tables (no Gather on a 2-D constant); leave it out")
+    return _Source(path, model, refs)
+
+
+def _dedupe(sources: Sequence[_Source]) -> dict[str, _Slot]:
+    """One slot per distinct table content, named after its first initializer."""
+    slots: dict[str, _Slot] = {}
+    taken: set[str] = set()
+    for src in sources:
+        for ref in src.refs:
+            tensor = table_tensor(src.model, ref)
+            array = initializer_array(tensor, src.path.parent)
+            digest = table_digest(array, tensor, src.path.parent)
+            if digest not in slots:
+                name = default_table_name(ref.initializer, taken)
+                taken.add(name)
+                table = EmbeddingTable(name=name, data=array, initializer=ref.initializer,
+                                       metadata={"content_sha256": digest, "shared_by": []})
+                slots[digest] = _Slot(table, table.metadata["shared_by"])
+            slot = slots[digest]
+            slot.users.append({"model": str(src.path), "initializer": ref.initializer, "graph": ref.graph})
+            src.tables[(ref.graph, ref.initializer)] = slot.table.name
+    return slots
+
+
+def table_digest(array: np.ndarray, tensor: onnx.TensorProto | None = None, base_dir: Path | None = None) -> str:
+    """sha256 of a table's dtype, shape and bytes: the key under which tables are deduplicated.
+
+    For external data (``tensor`` and ``base_dir`` given) the bytes are read from the file in chunks,
+    so hashing does not map the table into this process's memory.
+    """
+    digest = hashlib.sha256(f"{dtypes.dtype_name(array.dtype)}{list(array.shape)}\n".encode())
+    ext = external_data_info(tensor) if tensor is not None else None
+    if ext is not None and base_dir is not None:
+        with open(safe_child_path(base_dir, ext.location), "rb") as fh, \
+                byte_bar(array.nbytes, f"hashing {ext.location}") as bar:
+            fh.seek(ext.offset)
+            left = array.nbytes
+            while left:
+                chunk = fh.read(min(_HASH_CHUNK, left))
+                if not chunk:
+                    raise InputError(f"external data of {tensor.name!r} is truncated")  # type: ignore[union-attr]
+                digest.update(chunk)
+                left -= len(chunk)
+                bar.update(len(chunk))
+    else:
+        flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        for start in range(0, flat.nbytes, _HASH_CHUNK):
+            digest.update(flat[start : start + _HASH_CHUNK].data)
+    return digest.hexdigest()
+
+
+def _source_bytes(src: _Source) -> int:
+    files = {src.path.resolve()}
+    for _, _, ext in external_tensors(src.model):
+        files.add(safe_child_path(src.path.parent, ext.location))
+    return sum(f.stat().st_size for f in files)
+
+
+# ------------------------------------------------------------------------------ rewriting
+
+
+def _write_model(src: _Source, staging: Path, store: Store, stem: str, cut: bool, verify: bool) -> SharedModel:
+    inputs = model_inputs(src.model)
+    model = src.model
+    data_file = f"{stem}.onnx.data"
+    moved = move_external_tensors(model, src.path.parent, staging, data_file, skip=frozenset(src.tables))
+    for ref in src.refs:
+        entry = store.entry(src.tables[(ref.graph, ref.initializer)])
+        point_initializer_at_file(model, ref.initializer, entry["file"], entry["data_offset"], entry["nbytes"],
+                                  entry["shape"], dtypes.from_name(entry["dtype"]), graph=ref.graph)
+    specs, kept = _cut(model, src, store) if cut else ([], [])
+    rel = f"{stem}.onnx"
+    save_model(model, staging / rel)
+    check = CheckResult(None, "verification skipped (verify=False)")
+    if verify:
+        rows = min(ref.shape[0] for ref in src.refs)
+        check = check_rewrite(src.path, inputs, lambda feeds: _run(staging / rel, store, bool(specs), feeds), rows)
+    tables = {ref.initializer: src.tables[(ref.graph, ref.initializer)] for ref in src.refs}
+    return SharedModel(source=str(src.path), source_sha256=file_sha256(src.path), file=rel, tables=tables,
+                       cut=tuple(specs), kept=tuple(kept), data_file=data_file if moved else None, check=check)
+
+
+def _run(path: Path, store: Store, cut: bool, feeds: Any) -> list[Any]:
+    session = ort_session(path)
+    return CutModel(session, store).run(None, feeds) if cut else session.run(None, feeds)
+
+
+def _cut(model: onnx.ModelProto, src: _Source, store: Store) -> tuple[list[CutSpec], list[str]]:
+    plan, kept = [], []
+    for ref in src.refs:
+        name = src.tables[(ref.graph, ref.initializer)]
+        ok = [u.node for u in ref.gathers if ref.graph == "" and u.graph == "" and set(u.via) <= _CUTTABLE_VIA]
+        kept += [f"table {name!r}, {u.node}: the lookup is in a subgraph or goes through {', '.join(u.via)}"
+                 for u in ref.gathers if u.node not in ok]
+        if ok and ref.quantization is None:
+            plan.append(TableCut(table=name, gathers=tuple(ok),
+                                 shape=(int(ref.shape[0]), int(ref.shape[1])), dtype=store[name].dtype))
+    specs, not_cut = cut_gathers(model, plan)
+    return specs, kept + not_cut
+
