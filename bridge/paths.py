@@ -5,16 +5,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from bridge.errors import InputError, UnsafePathError
+from bridge.errors import UnsafePathError
 
 
-def safe_child_path(base_dir: str | os.PathLike[str], relative: str, *, must_exist: bool = False) -> Path:
+def safe_child_path(base_dir: str | os.PathLike[str], relative: str) -> Path:
     """Resolve ``relative`` inside ``base_dir``, refusing anything that could escape it.
 
     Raises :class:`UnsafePathError` for an empty or absolute path (POSIX or Windows), a
     ``..`` component, a NUL byte, the directory itself, or a path that resolves outside
-    ``base_dir`` (through a symlink at any level). Returns the resolved path. With
-    ``must_exist``, a missing file is an :class:`InputError`.
+    ``base_dir`` (through a symlink at any level). Returns the resolved path; the file need
+    not exist.
     """
     text = str(relative)
     parts = text.replace("\\", "/").split("/")
@@ -32,8 +32,6 @@ def safe_child_path(base_dir: str | os.PathLike[str], relative: str, *, must_exi
             reason = "it names the directory itself, not a file in it"
         elif not target.is_relative_to(base):
             reason = f"it resolves to {str(target)!r}, outside {str(base)!r} (through a symlink)"
-        elif must_exist and not target.exists():
-            raise InputError(f"file {text!r} listed in {str(base_dir)!r} does not exist")
         else:
             return target
     raise UnsafePathError(

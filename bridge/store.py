@@ -144,11 +144,8 @@ class Store(Mapping[str, EmbeddingTable]):
         self._cache: dict[str, EmbeddingTable] = {}
 
     def __getitem__(self, name: str) -> EmbeddingTable:
-        if name not in self._entries:
-            valid = ", ".join(self._entries) or "(none)"
-            raise TableNotFoundError(f"no table {name!r} in store {str(self.path)!r}; tables: {valid}")
         if name not in self._cache:
-            self._cache[name] = self._open_table(self._entries[name])
+            self._cache[name] = self._open_table(self.entry(name))
         return self._cache[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -161,13 +158,18 @@ class Store(Mapping[str, EmbeddingTable]):
         return f"Store({str(self.path)!r}, tables={list(self._entries)})"
 
     def entry(self, name: str) -> dict[str, Any]:
-        """The manifest entry of table ``name``."""
-        self[name]  # noqa: B018 - raises TableNotFoundError with the valid names
+        """The manifest entry of table ``name`` (nothing is opened)."""
+        if name not in self._entries:
+            valid = ", ".join(self._entries) or "(none)"
+            raise TableNotFoundError(f"no table {name!r} in store {str(self.path)!r}; tables: {valid}")
         return self._entries[name]
 
     def file_path(self, relative: str) -> Path:
-        """Resolve a manifest path inside the store, refusing paths that escape it."""
-        return safe_child_path(self.path, relative, must_exist=True)
+        """Resolve a manifest path inside the store, refusing paths that escape it or are missing."""
+        path = safe_child_path(self.path, relative)
+        if not path.is_file():
+            raise StoreError(f"store {str(self.path)!r} lists {relative!r} but the file is missing; re-create the store")
+        return path
 
     def vocabulary(self, name: str) -> Vocabulary:
         """Load vocabulary ``name`` from its text file."""

@@ -161,3 +161,15 @@ def test_shape_mismatch_detected(tmp_path: Path) -> None:
     mpath.write_text(json.dumps(manifest))
     with pytest.raises(StoreError, match="inconsistent"):
         open_store(tmp_path / "s")["pos"]
+
+
+def test_missing_table_file_is_a_store_error(tmp_path: Path) -> None:
+    write_store(tmp_path / "s", _tables()[:1])
+    entry = json.loads((tmp_path / "s" / "manifest.json").read_text())["tables"][0]
+    (tmp_path / "s" / entry["file"]).unlink()
+    store = open_store(tmp_path / "s", verify=False)
+    assert store.entry("tok/emb")["file"] == entry["file"]  # the manifest is readable without the file
+    with pytest.raises(StoreError, match="file is missing"):
+        store["tok/emb"]
+    with pytest.raises(StoreError, match="file is missing"):
+        open_store(tmp_path / "s")
