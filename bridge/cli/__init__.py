@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 
@@ -33,10 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE_LIST = re.compile(r"-\d[\d,\s-]*")
+
+
+def _join_negative_ids(argv: Sequence[str]) -> list[str]:
+    """``--ids -1,2`` -> ``--ids=-1,2`` (argparse would read ``-1,2`` as an option)."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--ids" and _NEGATIVE_LIST.fullmatch(arg):
+            out[-1] = f"--ids={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``embridge``; returns the exit code (also used as the console-script entry point)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_ids(sys.argv[1:] if argv is None else argv))
     try:
         return int(args.func(args) or 0)
     except BridgeError as exc:
