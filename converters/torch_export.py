@@ -1,0 +1,253 @@
+"""PyTorch module -> ONNX (torch.onnx, legacy or dynamo exporter) -> embedding store.
+
+    from converters.torch import extract_torch
+    store = extract_torch(model, (ids,), "out/")            # legacy exporter
+    store = extract_torch(model, (ids,), "out/", dynamo=True)
+
+What the exporters produce on this stack (DESIGN.md): ``Gather`` on ``<module>.weight``; an
+``nn.EmbeddingBag``'s Gather inside a ``Loop`` body (legacy); a tied head as a separate ``[D, V]``
+initializer (``onnx::MatMul_N`` legacy, ``val_N`` dynamo) or, on 2-D activations, ``Gemm(transB=1)``
+on the table itself; the dynamo exporter names a tied table after the head. Tables are therefore
+mapped to ``state_dict`` keys by value (:mod:`converters.torch_map`) and ties found by value
+(:mod:`bridge.ties`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bridge.atomic import check_output_dir
+from bridge.errors import BridgeError, ConversionError, InputError
+from bridge.extract import read_tables
+from bridge.onnx_io import external_data_info, iter_graphs, load_model
+from bridge.scan import TableRef, default_table_name
+from bridge.store import Store, write_store
+from bridge.table import EmbeddingTable, SourceRef
+from bridge.ties import Tie, find_ties, ties_json
+from converters.keras_map import Candidate
+from converters.torch_embedding import import_torch
+from converters.torch_map import embedding_keys, map_tables, module_metadata
+
+ONNX_FILE = "model.onnx"
+_QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
+_MESSAGE_LIMIT = 300
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def export_onnx(
+    module: Any,
+    example_inputs: Any,
+    path: str | os.PathLike[str],
+    *,
+    dynamo: bool = False,
+    dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    opset: int | None = None,
+) -> Path:
+    """Export ``module`` called on ``example_inputs`` (a tensor or a tuple of tensors) to ONNX at ``path``.
+
+    ``dynamo=False`` uses the TorchScript-based (legacy) exporter, ``dynamo=True`` the
+    ``torch.export``-based one (needs onnxscript). ``dynamic_axes`` (``{input name: {axis: name}}``)
+    marks dimensions as dynamic; without it shapes are those of the example inputs. The module is
+    exported in eval mode and its training flag restored. Exporter messages are silenced; a failure
+    raises :class:`ConversionError` with the exporter's message.
+    """
+    torch = import_torch()
+    if not isinstance(module, torch.nn.Module):
+        raise InputError(f"export_onnx takes a torch.nn.Module, not {type(module).__name__}")
+    args = _as_args(example_inputs, torch)
+    target = Path(path)
+    if not target.parent.is_dir():
+        raise InputError(f"the directory of {str(target)!r} does not exist; create it first")
+    options: dict[str, Any] = {"dynamo": dynamo, "input_names": list(input_names) if input_names else None,
+                               "output_names": list(output_names) if output_names else None,
+                               "opset_version": opset, "dynamic_axes": dict(dynamic_axes) if dynamic_axes else None}
+    if dynamo:
+        options["verbose"] = False
+    was_training = module.training
+    module.eval()
+    try:
+        with _quiet(torch), torch.no_grad():
+            torch.onnx.export(module, args, str(target), **options)
+    except BridgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.onnx raises many unrelated exception types
+        raise ConversionError(_failure(module, dynamo, exc)) from exc
+    finally:
+        module.train(was_training)
+    if not target.is_file():
+        raise ConversionError(f"torch.onnx.export wrote no file at {str(target)!r}")
+    return target
+
+
+def extract_torch(
+    module: Any,
+    example_inputs: Any,
+    out_dir: str | os.PathLike[str],
+    *,
+    dynamo: bool = False,
+    force: bool = False,
+    dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None = None,
+    opset: int | None = None,
+    keep_onnx: bool = True,
+) -> Store:
+    """Export ``module`` to ONNX, find its embedding tables, and write them as a store at ``out_dir``.
+
+    Each table is named after its ``state_dict`` key (``"tok.weight"``), with one
+    ``SourceRef("torch", layer=<module path>, weight=<key>)`` per key holding the same values
+    (a tied weight has several). A tied output projection is found by value and recorded in the
+    table's ``metadata["ties"]``; the table is stored once. ``padding_id`` is the embedding's
+    ``padding_idx``. With ``keep_onnx`` the exported model is stored as ``model.onnx`` (parity
+    runs its Gathers). Warnings (unmapped tables, embeddings missing from the graph) go to the
+    manifest's ``provenance["warnings"]``.
+    """
+    check_output_dir(out_dir, force)
+    with tempfile.TemporaryDirectory(prefix="embridge-torch-") as tmp:
+        path = export_onnx(module, example_inputs, Path(tmp) / ONNX_FILE, dynamo=dynamo,
+                           dynamic_axes=dynamic_axes, opset=opset)
+        model = load_model(path)
+        tables, warns = torch_tables(model, path.parent, module)
+        files = _model_files(model, path) if keep_onnx else {}
+        provenance = _provenance(module, model, dynamo, warns, keep_onnx)
+        return write_store(out_dir, tables, provenance=provenance, force=force, files=files)
+
+
+def torch_tables(model: onnx.ModelProto, base_dir: Path | None, module: Any) -> tuple[list[EmbeddingTable], list[str]]:
+    """The tables of ``model`` (exported from ``module``), mapped to state_dict keys, with ties; and warnings."""
+    pairs = read_tables(model, base_dir)
+    matches = map_tables([data for _, data in pairs], module)
+    ties = find_ties(model, [ref for ref, _ in pairs], base_dir, arrays={ref.initializer: d for ref, d in pairs})
+    warns: list[str] = []
+    taken: set[str] = set()
+    tables = []
+    for (ref, data), cands in zip(pairs, matches):
+        name = default_table_name(cands[0].weight if cands else ref.initializer, taken)
+        taken.add(name)
+        tables.append(_table(name, ref, data, cands, ties.get(ref.initializer, ()), warns))
+    found = {c.weight for cands in matches for c in cands}
+    warns += [f"embedding {key!r} has no table in the exported model (unused by forward(), or folded)"
+              for key in embedding_keys(module) if key not in found]
+    return tables, warns
+
+
+def _table(name: str, ref: TableRef, data: np.ndarray, cands: list[Candidate], ties: Sequence[Tie],
+           warns: list[str]) -> EmbeddingTable:
+    meta: dict[str, Any] = {"onnx": ref.to_json(), "ties": ties_json(ties)}
+    padding = None
+    if cands:
+        meta["torch"] = module_metadata(cands)
+        padding = meta["torch"].get("padding_idx")
+        if meta["torch"].get("max_norm") is not None:
+            warns.append(f"table {name!r}: nn.Embedding(max_norm=...) renormalizes looked-up rows in place on "
+                         "every forward; the store holds the weight as it was at export")
+    else:
+        warns.append(f"table {name!r} (initializer {ref.initializer!r}, shape {list(ref.shape)}) matches no "
+                     "state_dict entry: it is stored unmapped")
+    return EmbeddingTable(
+        name=name, data=data, sources=tuple(SourceRef("torch", c.layer, c.weight) for c in cands),
+        initializer=ref.initializer, padding_id=padding, metadata=meta,
+    )
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _as_args(example_inputs: Any, torch: Any) -> tuple[Any, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise InputError("example_inputs must be a tensor or a non-empty tuple of the module's positional inputs")
+
+
+@contextlib.contextmanager
+def _quiet(torch: Any) -> Iterator[None]:
+    """Silence exporter warnings and log records, and send the legacy exporter's C++ log (which it
+    writes to stdout when an export fails) to stderr, so stdout stays clean; all restored on exit."""
+    saved = []
+    for name in _QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level))
+        logger.setLevel(logging.CRITICAL)
+    set_stream = getattr(torch._C, "_jit_set_onnx_log_output_stream", None)  # noqa: SLF001 - no public API
+    if set_stream is not None:
+        set_stream("stderr")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        if set_stream is not None:
+            set_stream("stdout")
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = _ANSI.sub("", str(exc)).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MESSAGE_LIMIT else text[:_MESSAGE_LIMIT] + " ..."
+
+
+def _failure(module: Any, dynamo: bool, exc: Exception) -> str:
+    """One line: the exporter, the error's first line and its root cause's, and what to try."""
+    exporter = "dynamo" if dynamo else "legacy (TorchScript)"
+    root: BaseException = exc
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    text = _clip(_first_line(exc))
+    if root is not exc:
+        text += f"; caused by {_clip(_first_line(root))}"
+    other = "dynamo=False" if dynamo else "dynamo=True"
+    hint = "install onnxscript" if isinstance(root, ImportError) else f"try {other}"
+    return f"torch.onnx.export with the {exporter} exporter failed for {type(module).__name__}: {text}; {hint}"
+
+
+def _model_files(model: onnx.ModelProto, path: Path) -> dict[str, bytes | Path]:
+    """The exported model file and its external data files, for the store."""
+    files: dict[str, bytes | Path] = {ONNX_FILE: path}
+    for _, graph in iter_graphs(model):
+        for tensor in graph.initializer:
+            ext = external_data_info(tensor)
+            if ext is not None:
+                files[ext.location] = path.parent / ext.location
+    return files
+
+
+def _provenance(module: Any, model: onnx.ModelProto, dynamo: bool, warns: list[str], keep_onnx: bool
+                ) -> dict[str, Any]:
+    torch = import_torch()
+    tools = {"torch": torch.__version__, "onnx": onnx.__version__}
+    if dynamo:
+        with contextlib.suppress(ImportError):
+            import onnxscript
+
+            tools["onnxscript"] = onnxscript.__version__
+    opsets = {o.domain or "ai.onnx": int(o.version) for o in model.opset_import}
+    return {
+        "converter": "converters.torch",
+        "source": {"framework": "torch", "module": f"{type(module).__module__}.{type(module).__qualname__}"},
+        "onnx": {"file": ONNX_FILE if keep_onnx else None, "exporter": "dynamo" if dynamo else "legacy",
+                 "ir_version": int(model.ir_version), "opsets": opsets},
+        "tools": tools,
+        "warnings": warns,
+    }
+
+
+__all__ = ["ONNX_FILE", "export_onnx", "extract_torch", "torch_tables"]
