@@ -35,19 +35,28 @@ def register(sub: Any) -> None:
 
 
 def inspect_rows(model_path: Path) -> list[dict[str, Any]]:
-    """The ``inspect --json`` table entries of an ONNX file (no tensor data is read)."""
+    """The ``inspect --json`` table entries of an ONNX file.
+
+    No table is loaded: scan reads no tensor data, and tie detection reads a few sampled rows
+    of same-shaped candidates before comparing any further.
+    """
     from bridge.onnx_io import load_model
     from bridge.scan import default_table_name, scan
+    from bridge.ties import find_ties, ties_json
 
+    model = load_model(model_path)
+    refs = scan(model)
+    ties = find_ties(model, refs, model_path.parent)
     taken: set[str] = set()
     rows = []
-    for ref in scan(load_model(model_path)):
+    for ref in refs:
         name = default_table_name(ref.initializer, taken)
         taken.add(name)
         info = ref.to_json()
+        extra = {k: v for k, v in info.items() if k not in ("initializer", "shape", "dtype", "consumers")}
         rows.append({"name": name, "initializer": ref.initializer, "shape": list(ref.shape), "dtype": ref.dtype,
-                     "consumers": info["consumers"], "source": [], **{k: v for k, v in info.items()
-                                                                       if k not in ("initializer", "shape", "dtype", "consumers")}})
+                     "consumers": info["consumers"], "source": [], "ties": ties_json(ties[ref.initializer]),
+                     **extra})
     return rows
 
 
@@ -71,17 +80,19 @@ def run_inspect(args: argparse.Namespace) -> int:
     say(format_table(
         ["table", "initializer", "shape", "dtype", "bytes", "uses"],
         [[r["name"], r["initializer"], "x".join(map(str, r["shape"])), r["dtype"],
-          human_bytes(_nbytes(r["shape"], r["dtype"])), _uses(r["consumers"])] for r in rows],
+          human_bytes(_nbytes(r["shape"], r["dtype"])), _uses(r)] for r in rows],
     ))
     return 0
 
 
-def _uses(consumers: list[dict[str, Any]]) -> str:
+def _uses(row: dict[str, Any]) -> str:
     counts: dict[str, int] = {}
-    for c in consumers:
+    for c in row["consumers"]:
         label = c.get("role", c.get("op_type", "?"))
         counts[label] = counts.get(label, 0) + 1
-    return ", ".join(f"{n} {k}" for k, n in counts.items())
+    uses = [f"{n} {k}" for k, n in counts.items()]
+    uses += [f"tied: {t['initializer']} ({t['layout']})" for t in row.get("ties", []) if t["layout"] != "shared"]
+    return ", ".join(uses)
 
 
 def store_rows(store: Any) -> list[list[str]]:

@@ -115,3 +115,23 @@ def test_console_script_has_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "not a valid ONNX model" in proc.stderr
+
+
+def test_inspect_reports_a_transposed_copy_as_a_tie(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """tf2onnx and torch's legacy exporter store a tied head as a separate [D, V] copy of the table."""
+    table = np.random.default_rng(4).standard_normal((30, 6)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["vec"], name="lookup"),
+             helper.make_node("MatMul", ["vec", "emb_T"], ["logits"], name="head")]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(table, "emb"), numpy_helper.from_array(table.T.copy(), "emb_T")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+              tmp_path / "m.onnx")
+    code, out, _ = _run(["inspect", str(tmp_path / "m.onnx"), "--json"], capsys)
+    assert code == 0
+    (row,) = json.loads(out)["tables"]
+    assert [(t["initializer"], t["layout"]) for t in row["ties"]] == [("emb_T", "transposed")]
+    code, out, _ = _run(["inspect", str(tmp_path / "m.onnx")], capsys)
+    assert "tied: emb_T (transposed)" in out
