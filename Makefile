@@ -6,6 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 TORCH  := torch==2.13.0
+TF_KERAS := tf_keras~=2.21.0
 EXTRAS := keras,torch,test,bench
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -18,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+	# Keras 2 (tf_keras) for legacy models; --no-deps: it declares `tensorflow`, which would pull the GPU build
+	$(BIN)/python -m pip install -q --no-deps $(TF_KERAS)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -15,6 +15,7 @@ from bridge.backends import BACKENDS, Lookup, available_backends, lookup
 from bridge.errors import BridgeError
 from bridge.parity import Comparison, ParityReport, compare, parity_ids, table_parity
 from bridge.policy import POLICIES, IndexPolicy
+from bridge.quantization import Quantization, dense
 from bridge.store import Store, open_store, write_store
 from bridge.table import EmbeddingTable, SourceRef
 from bridge.vocab import Vocabulary
@@ -29,12 +30,14 @@ __all__ = [
     "IndexPolicy",
     "Lookup",
     "ParityReport",
+    "Quantization",
     "EmbeddingTable",
     "SourceRef",
     "Store",
     "Vocabulary",
     "available_backends",
     "compare",
+    "dense",
     "lookup",
     "open_store",
     "parity_ids",

@@ -17,7 +17,14 @@ Schema ``embedding-bridge/1`` (all paths relative to the store directory, ``/``-
           "initializer": "<ONNX initializer name or null>",
           "vocab": "<vocabulary name or null>",
           "oov_id": null, "padding_id": null,
-          "metadata": {}                          # e.g. {"mask_zero": true}, consumers, ties
+          "metadata": {},                         # e.g. {"mask_zero": true}, consumers, ties
+          "quantization": null                    # or, for a quantized table (its .npy holds the integers):
+          # {"scheme": "row_div" | "group_affine" | "affine" | "mul",    formulas: bridge/quantization.py
+          #  "scale": {"file": "tables/tok_emb.scale.npy", "sha256": "...", "shape": [rows],
+          #            "dtype": "float32", "data_offset": 128},
+          #  "zero_point": {...same keys...} or null,
+          #  "group_size": 32 or null, "axis": null | 0 | 1, "out_dtype": "float32"}
+          # An entry without the key is not quantized (stores written before it existed).
       }],
       "vocabularies": [{
           "name": "tok_emb", "file": "vocab/tok_emb.txt", "size": 1000, "sha256": "...",

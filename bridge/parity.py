@@ -167,6 +167,8 @@ def reference_lookup(table: EmbeddingTable, policy: str = "error", oov_id: int |
     """``np.take`` on ``table.data`` after applying ``policy`` with plain NumPy.
 
     Written independently of :mod:`bridge.policy`, so parity also cross-checks the shared policy code.
+    A quantized table's rows are dequantized with :meth:`bridge.quantization.Quantization.dequantize_rows`
+    (the NumPy statement of each scheme's arithmetic).
     """
     data, rows = table.data, table.rows
     oov = oov_id if oov_id is not None else table.oov_id
@@ -190,12 +192,14 @@ def reference_lookup(table: EmbeddingTable, policy: str = "error", oov_id: int |
         if policy in ("error", "wrap") and bad.any():
             raise IdError(f"reference lookup: id {ids[bad].reshape(-1)[0]} is out of range under {policy!r}")
         if not rows:
-            return np.zeros(ids.shape + (table.dim,), table.dtype)
+            return np.zeros(ids.shape + (table.dim,), table.served_dtype)
         if policy == "clip":
             values[big] = rows - 1
         elif policy == "oov":
             values[bad] = oov
         out = np.asarray(np.take(data, values, axis=0))
+        if table.quantization is not None:
+            out = table.quantization.dequantize_rows(out, values)
         if policy == "zero":
             out[bad] = 0
         return out

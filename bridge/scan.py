@@ -1,9 +1,11 @@
 """Find the embedding tables of an ONNX model without reading any tensor data.
 
 A table is a rank-2 constant (an initializer, or the ``value`` of a ``Constant`` node) that
-is the data input of a ``Gather(axis=0)``, directly or through the link patterns of
+is the data input of a ``Gather(axis=0)`` or of a ``Slice`` reading its first rows (the only
+tensor data read: a Slice's few inline starts/axes/steps), directly or through the link patterns of
 :mod:`bridge.scan_patterns` (Identity, Cast, DequantizeLinear, Cast -> Mul by a constant
-scale), and the rows a Gather returns are checked for a per-row dequantization (Keras int8).
+scale), and the rows a Gather returns are checked for a dequantization after the lookup (Keras int8,
+int4); the scale and zero point constants of such a table are not reported as tables themselves.
 Subgraphs (Loop/If/Scan bodies) are searched too; an outer-scope constant read inside a body
 counts. One pass over all nodes builds the indexes; each constant's uses are then
 followed through its consumers only, so the cost is linear in the size of the graph.
@@ -18,12 +20,20 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, numpy_helper
 
 from bridge.errors import InputError, UnsupportedError
-from bridge.onnx_io import ExternalData, external_data_info, iter_graphs, load_model, node_label, subgraphs
-from bridge.onnx_io import tensor_dtype
+from bridge.onnx_io import (
+    ExternalData,
+    external_data_info,
+    iter_graphs,
+    load_model,
+    node_label,
+    subgraphs,
+    tensor_dtype,
+)
 from bridge.scan_patterns import (
     LINK_PATTERNS,
     ROLE_PATTERNS,
@@ -39,6 +49,8 @@ _Key = tuple[str, str]  # (graph path, value name)
 _Scope = tuple[tuple[str, frozenset[str] | None], ...]  # enclosing graphs, innermost last; None: main graph
 _MAX_CHAIN = 64
 _PASS_THROUGH = frozenset({"Identity", "Cast"})  # what constant_key looks through for a scale
+_READERS = frozenset({"Gather", "Slice"})  # ops whose use of a constant makes it worth classifying
+_SMALL = 64  # most elements a constant may have for its value to be read (Slice starts, axes, steps)
 
 
 @dataclass(frozen=True)
@@ -61,7 +73,8 @@ class TableRef:
     """An embedding table found in a model: where it is and who reads it.
 
     ``source`` is ``"initializer"`` or ``"constant"`` (the output of a ``Constant`` node).
-    ``quantization`` comes from the first gather that dequantizes the table, if any.
+    ``quantization`` comes from the first gather that dequantizes the table, if any. ``slices``
+    are ``Slice`` nodes reading the first rows (``W[:n]``, a position table read by length).
     """
 
     initializer: str
@@ -74,15 +87,16 @@ class TableRef:
     external: ExternalData | None = None
     quantization: dict[str, Any] | None = field(default=None, hash=False)
     source: str = "initializer"
+    slices: tuple[Use, ...] = ()
 
     @property
     def consumers(self) -> tuple[Use, ...]:
-        """Every use: gathers, then tied uses, then the rest, each in graph order."""
-        return self.gathers + self.tied + self.other
+        """Every use: gathers, slices, then tied uses, then the rest, each in graph order."""
+        return self.gathers + self.slices + self.tied + self.other
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (lists, strings, ints, None)."""
-        roles = [("gather", self.gathers), ("tied", self.tied), ("other", self.other)]
+        roles = [("gather", self.gathers), ("slice", self.slices), ("tied", self.tied), ("other", self.other)]
         return {
             "initializer": self.initializer, "shape": list(self.shape), "dtype": self.dtype, "graph": self.graph,
             "source": self.source,
@@ -122,7 +136,7 @@ class ScanResult:
 
 
 def scan(model: onnx.ModelProto | str | os.PathLike[str]) -> list[TableRef]:
-    """The embedding tables of ``model`` (a proto or a path), ordered by their first Gather in graph order."""
+    """The embedding tables of ``model`` (a proto or a path), ordered by their first Gather (or Slice)."""
     return list(scan_model(model).tables)
 
 
@@ -137,11 +151,20 @@ def scan_model(model: onnx.ModelProto | str | os.PathLike[str]) -> ScanResult:
         found = _trace(index, const)
         ref = _table_ref(const, found)
         if ref is not None:
-            tables.append((min(f.consumer.seq for f in found if f.role == "gather"), ref))
+            tables.append((min(f.consumer.seq for f in found if f.role in ("gather", "slice")), ref))
         else:
             rejected.extend(_not_table(const, found))
     tables.sort(key=lambda item: item[0])
-    return ScanResult(tables=tuple(ref for _, ref in tables), not_tables=tuple(rejected))
+    params = {(ref.graph, name) for _, ref in tables for name in _quantization_params(ref)}
+    kept = tuple(ref for _, ref in tables if (ref.graph, ref.initializer) not in params)
+    return ScanResult(tables=kept, not_tables=tuple(rejected))
+
+
+def _quantization_params(ref: TableRef) -> list[str]:
+    """The scale / zero point constants of ``ref``'s dequantization: parameters, not tables of their own
+    (Keras int4 gathers its ``[rows, groups]`` scale and zero point with the table's ids)."""
+    quant = ref.quantization or {}
+    return [name for name in (quant.get("scale"), quant.get("zero_point")) if isinstance(name, str)]
 
 
 def table_tensor(model: onnx.ModelProto, ref: TableRef) -> onnx.TensorProto:
@@ -315,6 +338,21 @@ class _View:
         key = self.index.constant_key(self.scope, name)
         return tuple(int(d) for d in self.index.consts[key].tensor.dims) if key else None
 
+    def constant_value(self, name: str) -> np.ndarray | None:
+        key = self.index.constant_key(self.scope, name)
+        tensor = self.index.consts[key].tensor if key else None
+        if tensor is None or tensor.data_location == TensorProto.EXTERNAL:
+            return None
+        size = 1
+        for d in tensor.dims:
+            size *= int(d)
+        if size > _SMALL:
+            return None
+        try:
+            return numpy_helper.to_array(tensor)
+        except (ValueError, TypeError):
+            return None
+
     def producer(self, name: str) -> onnx.NodeProto | None:
         seq = self.index.producer(self.index.resolve(self.scope, name)) if name else None
         return None if seq is None else self.index.node(seq)
@@ -351,8 +389,8 @@ def _step(index: _Index, consumer: _Consumer, via: tuple[str, ...], rank: int) -
 
 
 def _trace(index: _Index, const: _Const) -> list[_Found]:
-    """Follow ``const`` through link nodes; return the gather/tied/other uses ending each chain, in
-    graph order, or [] when no chain ends in a Gather (then nothing else is worth building)."""
+    """Follow ``const`` through link nodes; return the gather/slice/tied/other uses ending each chain, in
+    graph order, or [] when no chain ends in a Gather or Slice (then nothing else is worth building)."""
     rank = len(const.tensor.dims)
     ends: dict[tuple[int, int, tuple[str, ...]], dict[str, Any] | None] = {}
     stack: list[tuple[_Key, tuple[str, ...], dict[str, Any] | None]] = [(const.key, (), None)]
@@ -368,7 +406,7 @@ def _trace(index: _Index, const: _Const) -> list[_Found]:
                 out_key, link = followed
                 visited.add(out_key)
                 stack.append((out_key, (*via, link.op), quant or link.quantization))
-    if not any(index.node_op[seq] == "Gather" for seq, _, _ in ends):
+    if not any(index.node_op[seq] in _READERS for seq, _, _ in ends):
         return []
     return [_classify(index, index.consumer(seq, i), via, rank, ends[seq, i, via]) for seq, i, via in sorted(ends)]
 
@@ -389,6 +427,8 @@ def _classify(index: _Index, consumer: _Consumer, via: tuple[str, ...], rank: in
         return _Found(consumer, via, "other", quant)
     step = _step(index, consumer, via, rank)
     role = match_role(step)
+    if role == "slice":
+        return _Found(consumer, via, role, quant)
     if role != "gather":
         return _Found(consumer, via, role, quant, gather_miss_reason(step))
     return _Found(consumer, via, role, quant or match_after_gather(step))
@@ -409,10 +449,10 @@ def _use(found: _Found) -> Use:
 
 
 def _table_ref(const: _Const, found: list[_Found]) -> TableRef | None:
-    by_role: dict[str, list[_Found]] = {"gather": [], "tied": [], "other": []}
+    by_role: dict[str, list[_Found]] = {"gather": [], "slice": [], "tied": [], "other": []}
     for f in found:
         by_role[f.role].append(f)
-    if not by_role["gather"]:
+    if not by_role["gather"] and not by_role["slice"]:
         return None
     quant = next((f.quantization for f in by_role["gather"] if f.quantization), None)
     return TableRef(
@@ -420,6 +460,7 @@ def _table_ref(const: _Const, found: list[_Found]) -> TableRef | None:
         graph=const.key[0], gathers=tuple(_use(f) for f in by_role["gather"]),
         tied=tuple(_use(f) for f in by_role["tied"]), other=tuple(_use(f) for f in by_role["other"]),
         external=external_data_info(const.tensor), quantization=quant, source=const.source,
+        slices=tuple(_use(f) for f in by_role["slice"]),
     )
 
 

@@ -3,11 +3,13 @@
 A *link* pattern says that a node passes a table through unchanged in shape (``Identity``,
 ``Cast``, ``DequantizeLinear``, ``Mul`` by a constant scale after a ``Cast``); the scanner then
 follows the node's output. A *role* pattern classifies a node that ends the chain: ``gather``
-(reads rows), ``tied`` (uses the table as a projection). Both registries are keyed by op type
+(reads rows), ``slice`` (reads the first rows, ``W[:n]``, as keras-hub position embeddings do),
+``tied`` (uses the table as a projection). Both registries are keyed by op type
 (as onnx2torch keys its converters), so a node of an unregistered op costs one dict lookup;
 adding a pattern is writing one function and listing it under its op type. An *after-gather*
 pattern recognises dequantization applied to the gathered rows (Keras int8 divides them by a
-per-row scale gathered with the same ids).
+per-row scale gathered with the same ids; Keras int4 with blocks subtracts a zero point and multiplies
+by a scale, both ``[rows, groups]`` and gathered with the same ids).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import onnx
 
 _DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
@@ -29,6 +32,9 @@ class GraphView(Protocol):
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of :meth:`constant` ``(name)``, or None if ``name`` is not a constant."""
+
+    def constant_value(self, name: str) -> np.ndarray | None:
+        """The value of :meth:`constant` ``(name)`` if it is small (a few elements, stored inline), else None."""
 
     def producer(self, name: str) -> onnx.NodeProto | None:
         """The node whose output is ``name``, or None (graph input, initializer, unknown)."""
@@ -130,6 +136,50 @@ def gather_rows(step: Step) -> str | None:
     return "gather" if attr_int(step.node, "axis", 0) in (0, -step.rank) else None
 
 
+def _slice_operand(step: Step, position: int, attr: str) -> list[int] | None:
+    """Input ``position`` of a Slice (opset >= 10) or its attribute ``attr`` (opset < 10) as ints; None if
+    absent; ``[]`` if present but not a small constant."""
+    node = step.node
+    if len(node.input) > position and node.input[position]:
+        value = step.view.constant_value(node.input[position])
+        return [] if value is None or value.ndim > 1 else [int(v) for v in value.reshape(-1)]
+    for attribute in node.attribute:
+        if attribute.name == attr:
+            return [int(v) for v in attribute.ints]
+    return None
+
+
+def slice_start_problem(step: Step) -> str | None:
+    """Why ``Slice(W, ...)`` does not read rows ``[0, n)`` of the whole table; None when it does.
+
+    Accepted: constant starts that are 0 on axis 0 (and on axis 1 if it is sliced too), steps absent
+    or 1; the ends may be computed (``W[:seq_len]``).
+    """
+    starts = _slice_operand(step, 1, "starts")
+    axes = _slice_operand(step, 3, "axes")
+    steps = _slice_operand(step, 4, "steps")
+    if not starts:
+        return f"Slice {step.label!r} starts at a computed row"
+    axes = list(range(len(starts))) if axes is None else axes
+    if len(axes) != len(starts):
+        return f"Slice {step.label!r} has starts and axes of different lengths"
+    by_axis = {a % step.rank: s for a, s in zip(axes, starts)}
+    if 0 not in by_axis:
+        return f"Slice {step.label!r} slices columns only (axis 1), not rows"
+    if any(s != 0 for s in by_axis.values()):
+        return f"Slice {step.label!r} starts at {[by_axis.get(a) for a in sorted(by_axis)]}, not at row 0"
+    if steps is not None and (not steps or any(s != 1 for s in steps)):
+        return f"Slice {step.label!r} has steps {steps or 'computed'}, not 1"
+    return None
+
+
+def slice_rows(step: Step) -> str | None:
+    """``Slice(W, starts=[0, 0], ends=[n, ...])`` on rank-2 data: the first ``n`` rows, a position table."""
+    if not _is(step, "Slice") or step.input_index != 0 or step.rank != 2:
+        return None
+    return "slice" if slice_start_problem(step) is None else None
+
+
 def tied_projection(step: Step) -> str | None:
     """``MatMul``/``Gemm``/``Transpose`` reading the table: a tied output projection."""
     return "tied" if step.node.domain in _DEFAULT_DOMAINS else None
@@ -138,6 +188,7 @@ def tied_projection(step: Step) -> str | None:
 #: Role patterns by op type for the node that ends a chain; none matching means ``"other"``.
 ROLE_PATTERNS: dict[str, tuple[Callable[[Step], str | None], ...]] = {
     "Gather": (gather_rows,),
+    "Slice": (slice_rows,),
     "MatMul": (tied_projection,),
     "Gemm": (tied_projection,),
     "Transpose": (tied_projection,),
@@ -154,7 +205,7 @@ def match_link(step: Step) -> Link | None:
 
 
 def match_role(step: Step) -> str:
-    """``"gather"``, ``"tied"`` or ``"other"`` for the node ending a chain."""
+    """``"gather"``, ``"slice"``, ``"tied"`` or ``"other"`` for the node ending a chain."""
     for pattern in ROLE_PATTERNS.get(step.node.op_type, ()):
         role = pattern(step)
         if role is not None:
@@ -198,8 +249,45 @@ def keras_row_scale(step: Step) -> dict[str, Any] | None:
     return None
 
 
+def _grouped_param(graph: GraphView, name: str, ids: str) -> tuple[str, str] | None:
+    """``(P, g_idx)`` if ``name`` is ``Gather(Gather(P, ids), g_idx, axis=-1)`` (through Cast), ``P`` of rank 2."""
+    node = graph.producer(name)
+    while node is not None and node.op_type in ("Cast", "Identity") and node.input:
+        node = graph.producer(node.input[0])
+    if node is None or node.op_type != "Gather" or len(node.input) < 2 or attr_int(node, "axis", 0) not in (1, -1):
+        return None
+    g_idx, inner = graph.constant(node.input[1]), graph.producer(node.input[0])
+    if g_idx is None or inner is None or inner.op_type != "Gather" or list(inner.input[1:2]) != [ids]:
+        return None
+    param = graph.constant(inner.input[0]) if attr_int(inner, "axis", 0) == 0 else None
+    return (param, g_idx) if param is not None and len(graph.constant_shape(param) or ()) == 2 else None
+
+
+def keras_group_affine(step: Step) -> dict[str, Any] | None:
+    """Keras int4 with ``block_size``: ``(Cast(Gather(Q, ids)) - Cast(Z[ids][:, g])) * S[ids][:, g]``.
+
+    ``Z`` (int8) and ``S`` (float) are ``[rows, groups]`` constants, each read as
+    ``Gather(Gather(P, ids), g_idx, axis=-1)`` with one constant ``g_idx`` (the group of each column).
+    """
+    if len(step.node.input) < 2 or not step.node.output:
+        return None
+    ids = step.node.input[1]
+    for cast_node, _ in step.view.consumers(step.node.output[0]):
+        if cast_node.op_type != "Cast" or not cast_node.output:
+            continue
+        for sub, index in step.view.consumers(cast_node.output[0]):
+            zero = _grouped_param(step.view, sub.input[1], ids) if sub.op_type == "Sub" and index == 0 else None
+            if zero is None or not sub.output:
+                continue
+            for mul, m_index in step.view.consumers(sub.output[0]):
+                scale = _grouped_param(step.view, mul.input[1 - m_index], ids) if mul.op_type == "Mul" else None
+                if scale is not None and scale[1] == zero[1]:
+                    return {"scheme": "group_affine", "scale": scale[0], "zero_point": zero[0], "g_idx": zero[1]}
+    return None
+
+
 #: Patterns that recognise dequantization of the rows a table Gather returns; first match wins.
-AFTER_GATHER_PATTERNS: tuple[Callable[[Step], dict[str, Any] | None], ...] = (keras_row_scale,)
+AFTER_GATHER_PATTERNS: tuple[Callable[[Step], dict[str, Any] | None], ...] = (keras_row_scale, keras_group_affine)
 
 
 def match_after_gather(step: Step) -> dict[str, Any] | None:
@@ -212,7 +300,10 @@ def match_after_gather(step: Step) -> dict[str, Any] | None:
 
 
 def gather_miss_reason(step: Step) -> str | None:
-    """Why a ``Gather`` reading the table as data is not a row lookup, or None if it is not such a Gather."""
+    """Why a ``Gather`` (or ``Slice``) reading the table as data is not a row lookup, or None if it is not
+    such a node. Slices of constants other than rank 2 are not reported: shapes and biases are sliced too."""
+    if _is(step, "Slice") and step.input_index == 0 and step.rank == 2:
+        return slice_start_problem(step)
     if not _is(step, "Gather") or step.input_index != 0:
         return None
     if step.rank != 2:

@@ -25,14 +25,15 @@ from typing import Any
 import numpy as np
 import onnx
 
-from bridge import dtypes, manifest as mf
+from bridge import dtypes
+from bridge import manifest as mf
 from bridge.atomic import atomic_directory
 from bridge.cut import CutModel, CutSpec, TableCut, cut_gathers, feed_cut_model
 from bridge.errors import InputError
 from bridge.external import external_tensors, move_external_tensors, point_initializer_at_file, save_model
 from bridge.npyio import file_sha256
-from bridge.progress import byte_bar
 from bridge.onnx_io import external_data_info, initializer_array, load_model, safe_child_path
+from bridge.progress import byte_bar
 from bridge.scan import TableRef, default_table_name, scan, table_tensor
 from bridge.share_check import CheckResult, check_rewrite, model_inputs, ort_session
 from bridge.store import Store, build_store_files, open_store

@@ -4,6 +4,7 @@ Layout (documented for non-Python readers in the README and in :mod:`bridge.mani
 
     STORE/manifest.json
     STORE/tables/<name>.npy      one per table, 64-byte aligned data, readable with mmap
+    STORE/tables/<name>.scale.npy, <name>.zero.npy   a quantized table's scale and zero point
     STORE/vocab/<name>.txt       one token per line, line number = id
     STORE/<other files>          e.g. model.onnx written by ``embridge convert``
 """
@@ -16,11 +17,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bridge import dtypes, manifest as mf
+from bridge import dtypes
+from bridge import manifest as mf
 from bridge.atomic import atomic_directory
-from bridge.errors import StoreError, TableNotFoundError
+from bridge.errors import BridgeError, StoreError, TableNotFoundError
 from bridge.npyio import file_sha256, open_npy, verify_sha256, write_npy
 from bridge.paths import safe_child_path
+from bridge.quantization import Quantization
 from bridge.table import EmbeddingTable, SourceRef
 from bridge.vocab import Vocabulary
 
@@ -64,7 +67,10 @@ def build_store_files(
         if table.vocab is not None:
             vocab_entries.append(_write_vocab(root, table.name, stem, table.vocab))
             vocab_name = table.name
-        table_entries.append(_write_table(root, table, stem, vocab_name))
+        entry = _write_table(root, table, stem, vocab_name)
+        if table.quantization is not None:
+            entry["quantization"] = _write_quantization(root, table.quantization, stem, taken)
+        table_entries.append(entry)
     return {
         "format": mf.FORMAT,
         "generator": mf.generator_info(),
@@ -84,12 +90,17 @@ def _check_names(tables: Sequence[EmbeddingTable]) -> None:
         raise StoreError("every table needs a non-empty name")
 
 
-def _write_table(root: Path, table: EmbeddingTable, stem: str, vocab: str | None) -> dict[str, Any]:
-    rel = f"tables/{stem}.npy"
+def _write_npy_file(root: Path, rel: str, array: Any, desc: str) -> Any:
     with open(root / rel, "wb") as fh:
-        written = write_npy(fh, table.data, desc=f"writing {table.name}")
+        written = write_npy(fh, array, desc=desc)
         fh.flush()
         os.fsync(fh.fileno())
+    return written
+
+
+def _write_table(root: Path, table: EmbeddingTable, stem: str, vocab: str | None) -> dict[str, Any]:
+    rel = f"tables/{stem}.npy"
+    written = _write_npy_file(root, rel, table.data, f"writing {table.name}")
     return {
         "name": table.name,
         "file": rel,
@@ -106,6 +117,21 @@ def _write_table(root: Path, table: EmbeddingTable, stem: str, vocab: str | None
         "padding_id": table.padding_id,
         "metadata": table.metadata,
     }
+
+
+def _write_quantization(root: Path, quant: Quantization, stem: str, taken: set[str]) -> dict[str, Any]:
+    """Write scale (and zero point) next to the table; the manifest's ``quantization`` entry."""
+    entry: dict[str, Any] = {"scheme": quant.scheme}
+    for key, suffix, array in (("scale", "scale", quant.scale), ("zero_point", "zero", quant.zero_point)):
+        if array is None:
+            entry[key] = None
+            continue
+        rel = f"tables/{mf.safe_file_stem(f'{stem}.{suffix}', taken)}.npy"
+        written = _write_npy_file(root, rel, array, f"writing {stem} {suffix}")
+        entry[key] = {"file": rel, "sha256": written.sha256, "shape": list(array.shape),
+                      "dtype": dtypes.dtype_name(array.dtype), "data_offset": written.data_offset}
+    entry.update(group_size=quant.group_size, axis=quant.axis, out_dtype=quant.out_dtype)
+    return entry
 
 
 def _write_vocab(root: Path, name: str, stem: str, vocab: Vocabulary) -> dict[str, Any]:
@@ -188,6 +214,8 @@ class Store(Mapping[str, EmbeddingTable]):
         """Check every file listed in the manifest against its sha256; raise :class:`ChecksumError`."""
         for entry in self._entries.values():
             verify_sha256(self.file_path(entry["file"]), entry["sha256"], f"table {entry['name']!r}")
+            for key, param in _quantization_files(entry):
+                verify_sha256(self.file_path(param["file"]), param["sha256"], f"{key} of table {entry['name']!r}")
         for entry in self._vocab_entries.values():
             verify_sha256(self.file_path(entry["file"]), entry["sha256"], f"vocabulary {entry['name']!r}")
         for name, info in self.manifest.get("files", {}).items():
@@ -202,7 +230,34 @@ class Store(Mapping[str, EmbeddingTable]):
             sources=tuple(SourceRef.from_json(s) for s in entry.get("source", [])),
             initializer=entry.get("initializer"), oov_id=entry.get("oov_id"),
             padding_id=entry.get("padding_id"), metadata=dict(entry.get("metadata") or {}),
+            quantization=self._open_quantization(entry),
         )
+
+    def _open_quantization(self, entry: dict[str, Any]) -> Quantization | None:
+        """The table's :class:`Quantization` with memory-mapped parameters; None if it has none."""
+        info = entry.get("quantization")
+        if not info:
+            return None
+        params = {key: open_npy(self.file_path(p["file"]), tuple(p["shape"]), dtypes.from_name(p["dtype"]))
+                  for key, p in _quantization_files(entry)}
+        try:
+            return Quantization(scheme=info["scheme"], scale=params["scale"], zero_point=params.get("zero_point"),
+                                group_size=info.get("group_size"), out_dtype=info.get("out_dtype", "float32"),
+                                axis=info.get("axis"))
+        except (KeyError, BridgeError) as exc:
+            raise StoreError(f"table {entry['name']!r}: invalid quantization entry ({exc}); re-create the store") \
+                from exc
+
+
+def _quantization_files(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``[(key, file entry)]`` of a table's quantization parameters (none for a plain table)."""
+    info = entry.get("quantization") or {}
+    found = [(key, info[key]) for key in ("scale", "zero_point") if isinstance(info.get(key), dict)]
+    for key, param in found:
+        if not all(k in param for k in ("file", "sha256", "shape", "dtype")):
+            raise StoreError(f"table {entry['name']!r}: quantization {key} entry lacks file/sha256/shape/dtype; "
+                             "re-create the store")
+    return found
 
 
 def open_store(path: str | os.PathLike[str], *, verify: bool = True) -> Store:

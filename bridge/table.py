@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from bridge.errors import InputError
+from bridge.quantization import Quantization
 from bridge.vocab import Vocabulary
 
 
@@ -35,6 +36,10 @@ class EmbeddingTable:
     this package copies it unless asked. ``oov_id`` is the row the ``oov`` index policy uses;
     ``padding_id`` is set only where the source really has a padding row (a Keras
     ``mask_zero`` layer has a *mask*, recorded in ``metadata["mask_zero"]``, not a padding row).
+
+    A quantized table keeps its integer matrix in ``data`` (``dtype`` is that integer type) and the
+    scale / zero point in ``quantization``; lookups serve dequantized vectors of ``served_dtype``, and
+    :func:`bridge.quantization.dense` gives the whole float table.
     """
 
     name: str
@@ -45,6 +50,7 @@ class EmbeddingTable:
     oov_id: int | None = None
     padding_id: int | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    quantization: Quantization | None = None
 
     def __post_init__(self) -> None:
         if self.data.ndim != 2:
@@ -52,6 +58,8 @@ class EmbeddingTable:
         for label, idx in (("oov_id", self.oov_id), ("padding_id", self.padding_id)):
             if idx is not None and not 0 <= idx < self.rows:
                 raise InputError(f"table {self.name!r}: {label}={idx} is outside [0, {self.rows})")
+        if self.quantization is not None:
+            self.quantization.check(self.rows, self.dim, self.data.dtype, self.name)
 
     @property
     def rows(self) -> int:
@@ -70,10 +78,16 @@ class EmbeddingTable:
         return self.data.dtype
 
     @property
+    def served_dtype(self) -> np.dtype[Any]:
+        """The dtype lookups return: ``quantization.out_dtype`` for a quantized table, else ``dtype``."""
+        return self.data.dtype if self.quantization is None else self.quantization.dtype
+
+    @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
 
     def __repr__(self) -> str:
         src = ", ".join(s.layer for s in self.sources) or "unknown"
         vocab = f", vocab={len(self.vocab)}" if self.vocab is not None else ""
-        return f"EmbeddingTable({self.name!r}, shape={self.shape}, dtype={self.dtype}, source={src}{vocab})"
+        quant = f", quantization={self.quantization.scheme}" if self.quantization is not None else ""
+        return f"EmbeddingTable({self.name!r}, shape={self.shape}, dtype={self.dtype}, source={src}{vocab}{quant})"

@@ -26,15 +26,22 @@ import onnx
 from bridge.atomic import check_output_dir
 from bridge.errors import ConversionError, InputError
 from bridge.extract import read_tables
+from bridge.onnx_vocab import onnx_vocabularies
+from bridge.quantization import Quantization
+from bridge.quantization_onnx import quantization_from_ref
 from bridge.scan import TableRef, default_table_name
 from bridge.store import Store, write_store
 from bridge.table import EmbeddingTable, SourceRef
+from bridge.ties import find_ties, ties_json
 from converters.keras_env import import_keras, import_tf2onnx
+from converters.keras_fidelity import find_truncations, layer_metadata, truncated_table, with_onnx_vocabulary
 from converters.keras_layers import embedding_layers, embedding_outputs, keras_candidates, variable_candidates
 from converters.keras_load import LoadedModel, load
 from converters.keras_map import Candidate, match_tables
 from converters.keras_onnx import OnnxConversion, to_onnx
+from converters.keras_quant import quantization_problems
 from converters.keras_signature import Signature, derive_signature, normalize_signature
+from converters.keras_text import split_text_inputs
 from converters.keras_vocab import LookupVocab, embedding_vocabularies
 
 ONNX_FILE = "model.onnx"
@@ -93,6 +100,8 @@ def convert(
     safe_mode: bool = True,
     input_signature: Any = None,
     opset: int | None = None,
+    large: bool | None = None,
+    large_threshold: int | None = None,
 ) -> ConversionResult:
     """Convert a Keras model to ONNX and extract its embedding tables into a store at ``out_dir``.
 
@@ -102,9 +111,20 @@ def convert(
     :func:`converters.keras_signature.normalize_signature`. ``OUT/model.onnx``,
     ``OUT/manifest.json``, the table and vocabulary files appear together or not at all; an
     existing non-empty ``out_dir`` is refused unless ``force``.
+    ``large``: True/False forces the large-table path (:mod:`converters.keras_large`: tf2onnx
+    converts a skeleton with small tables, the model reads the real ones from the store's files
+    as ONNX external data) or the ordinary one; None (default) picks the large path when the
+    Embedding tables total ``large_threshold`` bytes (default 256 MiB) or the weights exceed 2 GiB.
     """
     check_output_dir(out_dir, force)
-    conv = prepare(model_or_path, safe_mode=safe_mode, input_signature=input_signature, opset=opset)
+    loaded = load(model_or_path, safe_mode=safe_mode)
+    from converters import keras_large  # noqa: PLC0415 - it imports this module
+
+    reason = keras_large.large_path_reason(loaded, large, large_threshold)
+    if reason is not None:
+        return keras_large.convert_large(loaded, out_dir, signature=_signature(loaded, input_signature),
+                                         force=force, opset=opset, reason=reason)
+    conv = prepare(loaded, safe_mode=safe_mode, input_signature=input_signature, opset=opset)
     try:
         model_bytes = conv.onnx_model.SerializeToString()
     except ValueError as exc:
@@ -125,15 +145,23 @@ def prepare(
     input_signature: Any = None,
     opset: int | None = None,
 ) -> Conversion:
-    """Load, convert and map, writing nothing: the in-memory half of :func:`convert`."""
-    loaded = load(model_or_path, safe_mode=safe_mode)
-    signature = _signature(loaded, input_signature)
+    """Load, convert and map, writing nothing: the in-memory half of :func:`convert`.
+
+    ``model_or_path`` may also be a :class:`converters.keras_load.LoadedModel` (already loaded).
+    """
+    loaded = model_or_path if isinstance(model_or_path, LoadedModel) else load(model_or_path, safe_mode=safe_mode)
+    loaded, text_signature, text_inputs, text_warnings = (
+        split_text_inputs(loaded) if input_signature is None else (loaded, None, [], []))
+    signature = text_signature or _signature(loaded, input_signature)
     onnx_conv = to_onnx(loaded.model, signature, opset=opset)
-    warnings = list(onnx_conv.warnings)
+    warnings = text_warnings + list(onnx_conv.warnings)
     tables = _tables(loaded, onnx_conv.model, warnings)
+    provenance = _provenance(loaded, onnx_conv, signature)
+    if text_inputs:
+        provenance["text_inputs"] = [t.to_json() for t in text_inputs]
     return Conversion(
         onnx_model=onnx_conv.model, tables=tables, summary=[summary_row(t) for t in tables], warnings=warnings,
-        provenance=_provenance(loaded, onnx_conv, signature), signature=signature, keras_model=loaded.model,
+        provenance=provenance, signature=signature, keras_model=loaded.model,
     )
 
 
@@ -171,19 +199,31 @@ def _tables(loaded: LoadedModel, model: onnx.ModelProto, warnings: list[str]) ->
     candidates = keras_candidates(loaded.model) if is_keras else variable_candidates(loaded.variables)
     matches = match_tables([data for _, data in refs_and_data], candidates)
     vocabs = embedding_vocabularies(loaded.model) if is_keras else {}
+    onnx_vocabs = onnx_vocabularies(model, [ref for ref, _ in refs_and_data])
+    ties = find_ties(model, [ref for ref, _ in refs_and_data], None,
+                     arrays={ref.initializer: data for ref, data in refs_and_data})
     taken: set[str] = set()
     tables = []
     for (ref, data), sources in zip(refs_and_data, matches):
         name = _table_name(ref, sources, taken)
         taken.add(name)
-        tables.append(_table(name, ref, data, sources, vocabs, warnings))
-    _warn_missing(candidates, matches, warnings)
+        quant = quantization_from_ref(model, ref, None)
+        table = _table(name, ref, data, sources, vocabs, warnings, quant)
+        table.metadata["ties"] = ties_json(ties[ref.initializer])
+        tables.append(with_onnx_vocabulary(table, onnx_vocabs.get(ref.initializer), warnings))
+    truncations = find_truncations(model, candidates, matches, {ref.initializer for ref, _ in refs_and_data})
+    for trunc in truncations:
+        name = _table_name(None, [trunc.candidate], taken)
+        taken.add(name)
+        tables.append(truncated_table(name, trunc))
+        warnings.append(trunc.warning(name))
+    _warn_missing(candidates, [*matches, [t.candidate for t in truncations]], warnings)
     return tables
 
 
-def _table_name(ref: TableRef, sources: list[Candidate], taken: set[str]) -> str:
+def _table_name(ref: TableRef | None, sources: list[Candidate], taken: set[str]) -> str:
     """The first source layer's name; its full path (``a.b``) if taken; else from the initializer."""
-    if not sources:
+    if not sources and ref is not None:
         return default_table_name(ref.initializer, taken)
     lowered = {t.lower() for t in taken}
     layer = sources[0].layer
@@ -196,7 +236,7 @@ def _table_name(ref: TableRef, sources: list[Candidate], taken: set[str]) -> str
 
 def _table(
     name: str, ref: TableRef, data: np.ndarray, sources: list[Candidate],
-    vocabs: dict[int, LookupVocab], warnings: list[str],
+    vocabs: dict[int, LookupVocab], warnings: list[str], quant: Quantization | None = None,
 ) -> EmbeddingTable:
     metadata: dict[str, Any] = {"onnx": ref.to_json()}
     layers = [c.obj for c in sources if c.primary and c.obj is not None and hasattr(c.obj, "mask_zero")]
@@ -206,9 +246,11 @@ def _table(
         modes = sorted({str(m) for m in (getattr(layer, "quantization_mode", None) for layer in layers) if m})
         if modes:
             metadata["keras_quantization"] = modes
+        metadata.update(layer_metadata(name, layers, data.dtype, warnings))
     if not sources:
         warnings.append(f"table {name!r} (initializer {ref.initializer!r}, shape {list(ref.shape)}) matches no "
                         "Keras weight: it is stored unmapped, with no source layer")
+    warnings.extend(quantization_problems(name, quant, layers))
     vocab = _vocab_for(name, data, layers, vocabs, warnings)
     if vocab is not None:
         metadata["vocabulary"] = vocab.metadata
@@ -216,7 +258,7 @@ def _table(
     return EmbeddingTable(
         name=name, data=data, vocab=vocab.vocabulary if vocab is not None else None,
         sources=tuple(SourceRef("keras", c.layer, c.weight) for c in sources), initializer=ref.initializer,
-        oov_id=oov if oov is not None and oov < data.shape[0] else None, metadata=metadata,
+        oov_id=oov if oov is not None and oov < data.shape[0] else None, metadata=metadata, quantization=quant,
     )
 
 
@@ -257,6 +299,7 @@ def summary_row(table: EmbeddingTable) -> dict[str, Any]:
         "initializer": table.initializer,
         "vocab": len(table.vocab) if table.vocab is not None else None,
         "mask_zero": table.metadata.get("mask_zero"),
+        "quantization": table.quantization.scheme if table.quantization is not None else None,
     }
 
 

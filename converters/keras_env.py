@@ -13,6 +13,9 @@ import os
 import re
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
+
+import numpy as np
 
 from bridge.errors import UnsupportedError
 
@@ -21,19 +24,30 @@ _QUIET_LOGGERS = ("tf2onnx", "tensorflow", "absl")
 _FCT = re.compile(r" \(fct=<.*?>\)")
 
 
+def legacy_keras_requested() -> bool:
+    """True when ``TF_USE_LEGACY_KERAS`` asks for Keras 2 (tf_keras), as TensorFlow itself reads it."""
+    return os.environ.get("TF_USE_LEGACY_KERAS", "").strip().lower() in ("1", "true", "yes")
+
+
 def import_keras() -> tuple[ModuleType, ModuleType]:
     """Return ``(tensorflow, keras)``, silencing TensorFlow's C++ logs before the first import.
 
-    Raises :class:`UnsupportedError` when Keras runs on a backend other than TensorFlow
-    (tf2onnx converts TensorFlow graphs only).
+    ``keras`` is Keras 3, or Keras 2 (the ``tf_keras`` package, what ``tf.keras`` then is) when
+    ``TF_USE_LEGACY_KERAS=1`` was set before TensorFlow was imported. Raises
+    :class:`UnsupportedError` when Keras runs on a backend other than TensorFlow (tf2onnx
+    converts TensorFlow graphs only).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         import tensorflow as tf
-        import keras
+        if legacy_keras_requested():
+            import tf_keras as keras
+        else:
+            import keras
     except ImportError as exc:
+        extra = " and tf_keras (TF_USE_LEGACY_KERAS is set)" if legacy_keras_requested() else ""
         raise UnsupportedError(
-            f"the Keras converter needs tensorflow and keras ({exc}); install them with "
+            f"the Keras converter needs tensorflow and keras{extra} ({exc}); install them with "
             "pip install 'embedding-bridge[keras]'"
         ) from exc
     backend = keras.backend.backend()
@@ -43,6 +57,15 @@ def import_keras() -> tuple[ModuleType, ModuleType]:
             "Set KERAS_BACKEND=tensorflow before Python imports keras."
         )
     return tf, keras
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A Keras 3 or Keras 2 tensor or variable as a NumPy array (bfloat16 as ml_dtypes.bfloat16)."""
+    _, keras = import_keras()
+    ops = getattr(keras, "ops", None)
+    if ops is not None:
+        return np.asarray(ops.convert_to_numpy(value))
+    return np.asarray(value.numpy() if hasattr(value, "numpy") else value)
 
 
 def import_tf2onnx() -> ModuleType:

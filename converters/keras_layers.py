@@ -14,8 +14,9 @@ from typing import Any
 import numpy as np
 
 from bridge.errors import InputError
-from converters.keras_env import import_keras
+from converters.keras_env import import_keras, to_numpy
 from converters.keras_map import Candidate
+from converters.keras_quant import integer_table
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,14 @@ def iter_layers(model: Any) -> list[LayerEntry]:
     return entries
 
 
+def node_tensors(node: Any, attr: str = "input_tensors") -> list[Any]:
+    """A Functional node's input (or output) tensors as a list: Keras 2 gives a lone tensor for one input."""
+    value = getattr(node, attr, None)
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
 def embedding_layers(model: Any) -> dict[str, Any]:
     """``{path: layer}`` for every ``keras.layers.Embedding`` (and subclass) in ``model``."""
     _, keras = import_keras()
@@ -71,8 +80,7 @@ def find_layer(model: Any, key: str) -> tuple[str, Any]:
 
 
 def _to_numpy(value: Any) -> np.ndarray:
-    _, keras = import_keras()
-    return np.asarray(keras.ops.convert_to_numpy(value))
+    return to_numpy(value)
 
 
 def _own_weights(layer: Any) -> list[Any]:
@@ -87,8 +95,9 @@ def _loader(value: Any) -> Any:
 def keras_candidates(model: Any) -> list[Candidate]:
     """Each Embedding's ``embeddings`` (primary), then every other 2-D weight of the model.
 
-    ``layer.embeddings`` is what the layer computes with: LoRA folded in, or the int8 table
-    of a quantized layer, as tf2onnx writes it.
+    ``layer.embeddings`` is what the layer computes with: LoRA folded in, as tf2onnx writes it.
+    A quantized layer's candidate is its integer table (int4 unpacked), which tf2onnx writes
+    whether or not LoRA is enabled (:func:`converters.keras_quant.integer_table`).
     """
     _, keras = import_keras()
     primary: list[Candidate] = []
@@ -98,7 +107,7 @@ def keras_candidates(model: Any) -> list[Candidate]:
         layer = entry.layer
         is_embedding = isinstance(layer, keras.layers.Embedding)
         if is_embedding and layer.built:
-            value = layer.embeddings
+            value = integer_table(layer) if getattr(layer, "quantization_mode", None) else layer.embeddings
             primary.append(Candidate(entry.path, f"{entry.path}/embeddings", tuple(value.shape),
                                      _loader(value), primary=True, obj=layer))
             continue

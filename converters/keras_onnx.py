@@ -18,8 +18,11 @@ from typing import Any
 import onnx
 
 from bridge.errors import ConversionError, UnsupportedError
+from bridge.onnx_bf16 import upcast_bfloat16
 from converters.keras_env import captured_logs, import_keras, import_tf2onnx
+from converters.keras_precision import bfloat16_typing
 from converters.keras_signature import LIST, SINGLE, Signature, tf_specs
+from converters.keras_strings import repair_string_equals
 
 #: Default ONNX opset (tf2onnx's own default is 15).
 DEFAULT_OPSET = 17
@@ -83,14 +86,28 @@ def wrap_model(model: Any, signature: Signature) -> Any:
             f"{type(exc).__name__}: {_first_line(exc)}; pass a matching input_signature"
         ) from exc
     named = output_names(model, out, set(signature.names) | {name})
-    if not all(isinstance(t, keras.KerasTensor) for t in named.values()):
+    if not all(keras.backend.is_keras_tensor(t) for t in named.values()):
         raise UnsupportedError(f"model {name!r} returns a nested structure or non-tensors; only a tensor, "
                                "a list or a dict of tensors converts to ONNX outputs")
     try:
-        outputs = {k: keras.layers.Identity(name=k)(v) for k, v in named.items()}
+        outputs = {k: keras.layers.Identity(name=k, **_keep_dtype(v))(v) for k, v in named.items()}
         return keras.Model(inputs, outputs, name=f"{name}_onnx")
     except ValueError as exc:  # e.g. an input named like the model itself
         raise ConversionError(f"cannot wrap model {name!r} for tf2onnx: {_first_line(exc)}") from exc
+
+
+def _keep_dtype(tensor: Any) -> dict[str, Any]:
+    """``{"dtype": ...}`` for a float output, so the output Identity layer does not cast it (under
+    ``mixed_float16`` the default policy would round a float32 output to float16).
+
+    A bfloat16 output becomes float32 (exact): onnxruntime's ``session.run`` cannot return bfloat16
+    arrays ("No corresponding Numpy type for Tensor Type. bfloat16").
+    """
+    raw = getattr(tensor, "dtype", "")
+    dtype = str(getattr(raw, "name", raw))  # Keras 3: a string; Keras 2: a tf.DType
+    if dtype == "bfloat16":
+        return {"dtype": "float32"}
+    return {"dtype": dtype} if dtype in ("float16", "float32", "float64") else {}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -110,10 +127,15 @@ def to_onnx(model: Any, signature: Signature, *, opset: int | None = None) -> On
         wrapper = wrap_model(model, signature)
         specs = tf_specs(signature, tf)
         try:
-            proto, _ = tf2onnx.convert.from_keras(wrapper, input_signature=[specs], opset=opset)
+            with bfloat16_typing():
+                proto, _ = tf2onnx.convert.from_keras(wrapper, input_signature=[specs], opset=opset)
         except Exception as exc:  # noqa: BLE001 - tf2onnx raises anything; the cause is kept
             raise _tf2onnx_error(model, exc, logs) from exc
     warnings = [f"tf2onnx: {line}" for line in logs]
+    warnings += repair_string_equals(proto, model)
+    upcast = upcast_bfloat16(proto)
+    if upcast:
+        warnings.append(upcast.describe())
     unconverted = unconverted_ops(proto)
     if unconverted:
         warnings.append(

@@ -76,10 +76,16 @@ def _input_name(tensor: Any, fallback: str) -> str:
     return fallback if not name or _AUTO_NAME.match(name) or not _VALID_NAME.match(name) else name
 
 
+def tensor_dtype_name(tensor: Any) -> str:
+    """The dtype name of a symbolic tensor: a string in Keras 3, a ``tf.DType`` (``.name``) in Keras 2."""
+    raw = getattr(tensor, "dtype", "")
+    return str(getattr(raw, "name", raw))
+
+
 def _spec_of(tensor: Any, name: str) -> InputSpec:
     if getattr(tensor, "sparse", False) or getattr(tensor, "ragged", False):
         raise UnsupportedError(f"input {name!r} is sparse or ragged; only dense inputs convert to ONNX")
-    dtype = str(getattr(tensor, "dtype", ""))
+    dtype = tensor_dtype_name(tensor)
     shape = tuple(getattr(tensor, "shape", ()))
     return InputSpec(name=name, shape=_dynamic_shape(shape, dtype), dtype=dtype)
 
@@ -121,7 +127,7 @@ def _input_struct(model: Any) -> Any:
     if len(inputs) != 1:
         return inputs or None
     first = next(iter(getattr(model, "layers", None) or []), None)
-    if type(first).__name__ == "Embedding" and not str(inputs[0].dtype).startswith(("int", "uint")):
+    if type(first).__name__ == "Embedding" and not tensor_dtype_name(inputs[0]).startswith(("int", "uint")):
         raise InputError(
             f"model {model.name!r} was built from data and Keras recorded a {inputs[0].dtype} input for "
             f"an Embedding; build it with keras.Input(dtype='int64') or {SIGNATURE_HELP}"

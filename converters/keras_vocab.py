@@ -1,4 +1,4 @@
-"""Vocabularies of ``StringLookup`` / ``IntegerLookup`` layers whose ids feed an ``Embedding``.
+"""Vocabularies of ``StringLookup`` / ``IntegerLookup`` / ``TextVectorization`` layers whose ids feed an ``Embedding``.
 
 The link is read from the Functional graph: an Embedding's input tensor was produced by a
 lookup layer, directly or through the input of a nested Functional model. Subclassed models
@@ -11,9 +11,11 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from bridge.errors import UnsupportedError
 from bridge.vocab import Vocabulary
 from converters.keras_env import import_keras
-from converters.keras_layers import LayerEntry, iter_layers
+from converters.keras_layers import LayerEntry, iter_layers, node_tensors
+from converters.keras_text import is_text_vectorization, text_settings
 
 _MAX_DEPTH = 64
 
@@ -42,7 +44,7 @@ def _outer_inputs(model: Any, entries: list[LayerEntry]) -> dict[int, list[Any]]
         if not inner:
             continue
         for node in getattr(layer, "_inbound_nodes", []):
-            given = list(getattr(node, "input_tensors", []) or [])
+            given = node_tensors(node)
             if len(given) == len(inner):
                 for inner_t, outer_t in zip(inner, given):
                     outer[id(inner_t)].append(outer_t)
@@ -54,7 +56,8 @@ def _find_lookup(tensor: Any, outer: dict[int, list[Any]], lookup_types: tuple[t
     if op is None or depth > _MAX_DEPTH:
         return None
     if isinstance(op, lookup_types):
-        return op if getattr(op, "output_mode", "int") == "int" and not getattr(op, "invert", False) else None
+        mode = getattr(op, "output_mode", None) or getattr(op, "_output_mode", "int")
+        return op if mode == "int" and not getattr(op, "invert", False) else None
     if type(op).__name__ == "InputLayer":
         for given in outer.get(id(tensor), []):
             found = _find_lookup(given, outer, lookup_types, depth + 1)
@@ -75,24 +78,28 @@ def lookup_vocabulary(lookup: Any, path: str) -> LookupVocab:
     """A :class:`Vocabulary` of ``lookup`` (mask, OOV ids reserved; integer tokens as decimal strings)."""
     _, keras = import_keras()
     integer = isinstance(lookup, keras.layers.IntegerLookup)
+    text = is_text_vectorization(lookup)
     tokens = [_token_text(t) for t in lookup.get_vocabulary(include_special_tokens=True)]
-    has_mask = lookup.mask_token is not None
-    num_oov = int(lookup.num_oov_indices)
+    inner = lookup._lookup_layer if text else lookup  # TextVectorization looks up with a StringLookup
+    has_mask = inner.mask_token is not None
+    num_oov = int(inner.num_oov_indices)
     first_oov = 1 if has_mask else 0
     reserved = {"mask": 0} if has_mask else {}
     for i in range(num_oov):
         reserved["oov" if i == 0 else f"oov_{i}"] = first_oov + i
     oov_id = first_oov if num_oov >= 1 else None
-    vocab = Vocabulary(tokens, oov_id=oov_id, reserved=reserved,
-                       source="integer_lookup" if integer else "string_lookup")
+    source = "integer_lookup" if integer else ("text_vectorization" if text else "string_lookup")
+    vocab = Vocabulary(tokens, oov_id=oov_id, reserved=reserved, source=source)
     meta: dict[str, Any] = {
         "layer": path,
         "keras_class": type(lookup).__name__,
         "token_type": "int" if integer else "str",
         "num_oov_indices": num_oov,
-        "mask_token": None if not has_mask else _token_text(lookup.mask_token),
-        "oov_token": _token_text(lookup.oov_token),
+        "mask_token": None if not has_mask else _token_text(inner.mask_token),
+        "oov_token": _token_text(inner.oov_token),
     }
+    if text:
+        meta.update(_pipeline_metadata(lookup))
     if integer:
         meta["note"] = "IntegerLookup tokens are integers, stored as decimal strings"
     if num_oov > 1:
@@ -101,19 +108,28 @@ def lookup_vocabulary(lookup: Any, path: str) -> LookupVocab:
     return LookupVocab(layer=path, vocabulary=vocab, metadata=meta)
 
 
+def _pipeline_metadata(layer: Any) -> dict[str, Any]:
+    """``text_pipeline`` (settings :mod:`bridge.text` reproduces) or ``text_pipeline_unsupported`` (why not)."""
+    try:
+        return {"text_pipeline": text_settings(layer).to_json()}
+    except UnsupportedError as exc:
+        return {"text_pipeline": None, "text_pipeline_unsupported": str(exc)}
+
+
 def embedding_vocabularies(model: Any) -> dict[int, LookupVocab]:
     """``{id(embedding layer): LookupVocab}`` for Embeddings fed by a lookup layer in ``model``'s graph."""
     _, keras = import_keras()
     entries = iter_layers(model)
     paths = {id(e.layer): e.path for e in entries}
     outer = _outer_inputs(model, entries)
-    lookup_types = (keras.layers.StringLookup, keras.layers.IntegerLookup)
+    lookup_types = tuple(getattr(keras.layers, n) for n in ("StringLookup", "IntegerLookup", "TextVectorization")
+                         if hasattr(keras.layers, n))
     found: dict[int, LookupVocab] = {}
     for entry in entries:
         if not isinstance(entry.layer, keras.layers.Embedding):
             continue
         for node in getattr(entry.layer, "_inbound_nodes", []):
-            tensors = list(getattr(node, "input_tensors", []) or [])
+            tensors = node_tensors(node)
             lookup = _find_lookup(tensors[0], outer, lookup_types) if tensors else None
             if lookup is not None:
                 found[id(entry.layer)] = lookup_vocabulary(lookup, paths.get(id(lookup), lookup.name))

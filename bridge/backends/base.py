@@ -4,9 +4,15 @@ A backend subclasses :class:`Lookup` and implements two hooks (Polygraphy's ``in
 split): ``_setup(threads)`` binds the framework to ``table.data`` without copying it, and
 ``_gather(ids, out)`` copies rows into a C-contiguous NumPy buffer. ``_gather`` is only ever called with
 int64 or int32 ids that are all in ``[0, rows)``, at least one of them, and ``out`` of shape
-``ids.shape + (dim,)`` and the table's dtype; ``_wrap(out)`` turns that buffer into the framework's own
+``ids.shape + (dim,)`` and the table's served dtype; ``_wrap(out)`` turns that buffer into the framework's own
 type without a copy (for :meth:`Lookup.native`). The framework is imported inside ``_setup``
 (:func:`require`), so importing an adapter module is free.
+
+A quantized table (``table.quantization`` set) is served as dequantized vectors of
+``table.served_dtype``: each backend gathers the integer rows and the scale (and zero point) rows and
+computes :mod:`bridge.quantization`'s formula with its own framework's operations. A backend's
+``_setup`` binds ``self._gather`` to its quantized variant for such a table, so the plain path keeps
+its one method call and no per-call test.
 """
 
 from __future__ import annotations
@@ -100,8 +106,9 @@ class Lookup(ABC):
     """Ids -> vectors for one table on one backend, with one index policy.
 
     Call it with ids of any integer dtype and shape to get an ndarray of shape ``ids.shape + (dim,)`` and
-    the table's dtype; :meth:`native` returns the framework's own type and :meth:`tokens` looks tokens up
-    through ``table.vocab``. Instances hold no per-call state and may be shared between threads.
+    the table's served dtype (dequantized vectors for a quantized table); :meth:`native` returns the
+    framework's own type and :meth:`tokens` looks tokens up through ``table.vocab``. Instances hold no
+    per-call state and may be shared between threads.
     """
 
     backend: ClassVar[str]
@@ -122,7 +129,7 @@ class Lookup(ABC):
         chosen_oov = oov_id if oov_id is not None else self.table.oov_id
         self.index_policy = IndexPolicy.create(policy, self.table.rows, oov_id=chosen_oov, table=self.table.name)
         self.threads = threads
-        self.dtype: np.dtype[Any] = self.table.dtype
+        self.dtype: np.dtype[Any] = self.table.served_dtype
         self._tail = (self.table.dim,)
         self._gatherable = self.table.rows > 0 and self.table.dim > 0
         self._setup(threads)

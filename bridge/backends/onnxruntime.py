@@ -11,7 +11,8 @@ caller's ids and output directly. Small batches (at most ``SMALL_BYTES`` of outp
 buffers whose OrtValues are built once per ids shape (:class:`~bridge.backends.base.ThreadBuffers`):
 wrapping two arrays as OrtValues costs more than copying a few rows in and out. onnxruntime's CPU Gather
 serves bfloat16; its OrtValues are built over the uint16 bit pattern with
-``ortvalue_from_numpy_with_onnx_type``.
+``ortvalue_from_numpy_with_onnx_type``. A quantized table runs the dequantizing graph of
+:mod:`bridge.backends.ort_dequant` instead of the one-node Gather, through the same fast path.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from bridge.backends.base import SMALL_BYTES, Lookup, ThreadBuffers, contiguous_data, require
+from bridge.backends.ort_dequant import dequant_model
 from bridge.errors import BackendError
 
 # table dtype name -> (ONNX element type, dtype the OrtValue is built from)
@@ -70,18 +72,46 @@ class OnnxruntimeLookup(Lookup):
                 f"supported: {', '.join(_DTYPES)}"
             )
         elem, carrier = _DTYPES[name]
-        self._elem = int(elem)
+        self._elem = int(elem)  # of the output (the table itself, unless it is quantized)
         self._carrier = np.dtype(carrier)
         self._same = self._carrier == self.dtype
-        data = contiguous_data(self.table, self.backend).view(self._carrier)
-        self._table_value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(data, self._elem)  # keep alive
-        self.session = ort.InferenceSession(
-            gather_model(self._elem, self.table.dim, self.dtype.itemsize).SerializeToString(),
-            self._session_options(ort, threads),
-            providers=["CPUExecutionProvider"],
-        )
+        if self.table.quantization is not None:
+            self.session = self._quantized_session(ort, threads)
+        else:
+            data = contiguous_data(self.table, self.backend).view(self._carrier)
+            self._table_value = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(data, self._elem)  # keep alive
+            self.session = ort.InferenceSession(
+                gather_model(self._elem, self.table.dim, self.dtype.itemsize).SerializeToString(),
+                self._session_options(ort, threads),
+                providers=["CPUExecutionProvider"],
+            )
         self._bind_fast_path(ort)
         self._probe()
+
+    def _quantized_session(self, ort: Any, threads: int) -> Any:
+        """A session running :func:`bridge.backends.ort_dequant.dequant_model` over the table's own memory.
+
+        Graph optimizations are off: the graph is a handful of nodes, and nothing may fold or fuse
+        the arithmetic (or a placeholder) before the overriding initializers are in place.
+        """
+        quant = self.table.quantization
+        assert quant is not None
+        model, arrays = dequant_model(quant, contiguous_data(self.table, self.backend))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self._param_values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
+        for name, value in zip(arrays, self._param_values):  # the OrtValues must outlive the session
+            options.add_initializer(name, value)
+        try:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(
+                f"onnxruntime cannot serve quantized table {self.table.name!r} ({quant.scheme}, "
+                f"{quant.out_dtype}): {exc}; use backend='numpy' or 'torch'"
+            ) from exc
 
     def _session_options(self, ort: Any, threads: int) -> Any:
         options = ort.SessionOptions()
@@ -109,13 +139,17 @@ class OnnxruntimeLookup(Lookup):
         """Check once, on both paths, that onnxruntime writes into the bound output buffer."""
         if not self._gatherable:
             return
+        first = np.asarray(self.table.data[:1])
+        if self.table.quantization is not None:
+            first = self.table.quantization.dequantize_rows(first, np.zeros(1, np.int64))
         for n in (1, SMALL_BYTES // self._row_bytes + 1):
             out = np.empty((n, self.table.dim), self.dtype)
             out.view(np.uint8)[...] = 0xA5
             self._gather(np.zeros(n, np.int64), out)
-            if out[-1:].tobytes() != np.asarray(self.table.data[:1]).tobytes():
+            if out[-1:].tobytes() != first.tobytes():
                 raise BackendError(
-                    f"onnxruntime {self._ort_version} did not write into the bound output buffer; "
+                    f"onnxruntime {self._ort_version} did not write row 0 (dequantized, for a quantized table) "
+                    "into the bound output buffer; "
                     "use backend='numpy' or 'torch', or onnxruntime 1.31"
                 )
 

@@ -7,6 +7,10 @@ as their int16 bit pattern, gathered as int16 (a gather copies bits), and :meth:
 as ``torch.bfloat16``. Small batches copy through per-thread staging tensors
 (:class:`~bridge.backends.base.ThreadBuffers`); large ones gather straight into the caller's buffer.
 
+A quantized table is served dequantized: ``index_select`` on the integer table and on the scale (and
+zero point), ``.to(dtype)``, then ``torch.div`` or ``torch.sub`` / ``torch.mul`` into the output buffer,
+in :mod:`bridge.quantization`'s order.
+
 Threads: torch's intra-op thread count is process-global (``torch.set_num_threads``), so ``threads`` is
 recorded but not applied; this backend never changes global state.
 """
@@ -35,6 +39,18 @@ _DTYPES: dict[str, tuple[str, str]] = {
 }
 
 
+def _integers(torch: Any, array: np.ndarray) -> Any:
+    """An integer table or zero point as a shared tensor; uint16 as its int16 bit pattern (see ``_widen``)."""
+    return _shared(torch, array.view(np.int16) if array.dtype == np.uint16 else array)
+
+
+def _shared(torch: Any, array: np.ndarray) -> Any:
+    """``torch.from_numpy(array)``: shares memory, also with a read-only memory map (never written to)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(array)
+
+
 class TorchLookup(Lookup):
     """Gathers with ``torch.index_select(weight, 0, ids, out=...)`` into the NumPy output buffer."""
 
@@ -54,14 +70,58 @@ class TorchLookup(Lookup):
         self._carrier = np.dtype(carrier)
         self._same = self._carrier == self.dtype
         self._native_dtype = getattr(torch, native)
-        data = contiguous_data(self.table, self.backend).view(self._carrier)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
-            self.weight = torch.from_numpy(data)  # shares memory; never written to
         self._from_numpy = torch.from_numpy
         self._index_select = torch.index_select
         self._flat_tail = (-1, self.table.dim)
+        if self.table.quantization is not None:
+            self._setup_quantized(torch)
+            return
+        self.weight = _shared(torch, contiguous_data(self.table, self.backend).view(self._carrier))
         self._staging = ThreadBuffers(self._bind)
+
+    def _setup_quantized(self, torch: Any) -> None:
+        """Bind the integer table, scale and zero point (no copies) and the dequantizing gather."""
+        quant = self.table.quantization
+        assert quant is not None
+        self._quant, self._torch = quant, torch
+        self.weight = _integers(torch, contiguous_data(self.table, self.backend))
+        self._scale = _shared(torch, np.ascontiguousarray(quant.scale))
+        self._zero = None if quant.zero_point is None else _integers(torch, np.ascontiguousarray(quant.zero_point))
+        self._unsigned16 = (self.table.dtype == np.uint16,
+                            quant.zero_point is not None and quant.zero_point.dtype == np.uint16)
+        self._group_size = quant.group_size if quant.scheme == "group_affine" else None
+        self._gather = self._gather_quantized  # type: ignore[method-assign]
+
+    def _gather_quantized(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """``index_select`` of the integer rows and the scale (zero point) rows, then torch arithmetic."""
+        torch, dt, quant = self._torch, self._native_dtype, self._quant
+        ids_t = self._from_numpy(np.ascontiguousarray(ids).reshape(-1))
+        out_t = self._from_numpy(out.reshape(self._flat_tail))
+        rows = self._widen(self._index_select(self.weight, 0, ids_t), self._unsigned16[0]).to(dt)
+        if quant.scheme == "row_div":
+            torch.div(rows, self._index_select(self._scale, 0, ids_t).to(dt).unsqueeze(-1), out=out_t)
+            return
+        scale, zero = self._param(self._scale, ids_t), self._param(self._zero, ids_t)
+        if zero is None:
+            torch.mul(rows, scale.to(dt), out=out_t)
+            return
+        torch.sub(rows, self._widen(zero, self._unsigned16[1]).to(dt), out=out_t)
+        torch.mul(out_t, scale.to(dt), out=out_t)
+
+    def _widen(self, bits: Any, unsigned16: bool) -> Any:
+        """uint16 integers gathered as int16 bits (torch's index_select has no uint16) -> their int32 values."""
+        return bits.to(self._torch.int32).bitwise_and_(0xFFFF) if unsigned16 else bits
+
+    def _param(self, param: Any, ids_t: Any) -> Any:
+        """Scale or zero point shaped to broadcast against ``[n, dim]`` rows (per tensor, row, column or group)."""
+        if param is None:
+            return None
+        if self._group_size is not None:  # each group's entry over its columns (fancy indexing is 7x slower)
+            rows = self._index_select(param, 0, ids_t)
+            return self._torch.repeat_interleave(rows, self._group_size, dim=1)[:, : self.table.dim]
+        if self._quant.axis == 0:
+            return self._index_select(param, 0, ids_t).unsqueeze(-1)
+        return param
 
     def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
         if out.nbytes <= SMALL_BYTES:  # copying through staging tensors beats two from_numpy calls

@@ -101,7 +101,9 @@ def store_rows(store: Any) -> list[list[str]]:
     for name in store:
         entry = store.entry(name)
         source = ", ".join(s["layer"] for s in entry.get("source", [])) or "(unmapped)"
-        rows.append([name, source, "x".join(map(str, entry["shape"])), entry["dtype"], human_bytes(entry["nbytes"])])
+        quant = entry.get("quantization")
+        dtype = f'{entry["dtype"]} -> {quant["out_dtype"]} ({quant["scheme"]})' if quant else entry["dtype"]
+        rows.append([name, source, "x".join(map(str, entry["shape"])), dtype, human_bytes(entry["nbytes"])])
     return rows
 
 

@@ -69,7 +69,7 @@ def run_lookup(args: argparse.Namespace) -> int:
     values = np.asarray(vectors, dtype=np.float64 if vectors.dtype.kind == "f" or vectors.dtype.kind == "V" else None)
     if args.json:
         emit_json({"table": table.name, "backend": args.backend, "policy": args.policy,
-                   "dtype": str(table.dtype), "keys": keys, "vectors": values.tolist()})
+                   "dtype": str(table.served_dtype), "keys": keys, "vectors": values.tolist()})
         return 0
     with np.printoptions(precision=6, suppress=True, linewidth=120, threshold=64):
         for key, vec in zip(keys, vectors):
@@ -89,11 +89,14 @@ def run_parity(args: argparse.Namespace) -> int:
         note(f"loading {args.keras} ...")
         extra = keras_layer_references(args.keras, safe_mode=not args.unsafe)
     tables = [t for t in args.tables.split(",") if t] if args.tables else None
+    backends = [b for b in args.backends.split(",") if b]
     report = store_parity(
-        args.store, backends=[b for b in args.backends.split(",") if b], policy=args.policy,
+        args.store, backends=backends, policy=args.policy,
         tables=tables, onnx_model=Path(args.onnx) if args.onnx else None,
         extra_references=extra, verify=not args.no_verify,
     )
+    if extra is not None:  # mixed precision: Keras serves cast(table[id]); compare through the same cast
+        report.extend(extra.cast_comparisons(args.store, backends, args.policy))
     if args.report:
         from bridge.atomic import atomic_file
 

@@ -177,7 +177,9 @@ def test_saved_model_with_a_string_lookup(kmodels: Any, tmp_path: Path) -> None:
     # the SavedModel knows variable paths, not the nesting: "inner_emb", not "encoder/inner_emb"
     assert sorted(s.layer for t in result.tables for s in t.sources) == ["inner_emb", "tok_emb"]
     assert_tables_equal_layers(result, model, by_name=True)
-    assert all(t.vocab is None for t in result.tables)  # no Keras layers: the vocabulary is not recovered
+    # no Keras layers: the vocabulary is recovered from the ONNX CategoryMapper instead
+    assert all(t.vocab is not None and t.vocab.tokens == ["[UNK]", "red", "green", "blue"] and t.oov_id == 0
+               for t in result.tables)
     tokens = np.array([["red", "nope", "blue"]], object)
     (got,) = run_onnx(result.onnx_path, {"tokens": tokens})
     assert np.array_equal(got, np.asarray(model(kmodels.tf.constant(tokens.astype(str)))))

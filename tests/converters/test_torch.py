@@ -265,7 +265,7 @@ def test_parity_passes_on_an_extracted_store(tmp_path: Path) -> None:
     def module_lookup(ids: np.ndarray) -> np.ndarray:
         return model.emb(torch.from_numpy(np.asarray(ids, dtype=np.int64))).detach().numpy()
 
-    report = store_parity(tmp_path / "out", extra_references={"torch-module": {"emb.weight": module_lookup}})
+    report = store_parity(store, extra_references={"torch-module": {"emb.weight": module_lookup}})
     assert report, report.to_text()
     assert {c.backend for c in report.comparisons} >= {"numpy", "onnxruntime", "torch", "torch-module", "onnx-model"}
     reopened = open_store(tmp_path / "out")  # checksums verify

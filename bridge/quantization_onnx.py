@@ -1,0 +1,186 @@
+"""From what the scanner saw (``TableRef.quantization``) to a :class:`~bridge.quantization.Quantization`.
+
+:mod:`bridge.scan_patterns` names the constants of a dequantization; this module reads them from the
+model and picks the scheme with the same arithmetic (see :mod:`bridge.quantization`):
+
+==================================================  ==========================================
+graph (``q`` the integer table)                      Quantization
+==================================================  ==========================================
+``Cast(Gather(q, i)) / Unsqueeze(Gather(s, i))``     ``row_div``, scale ``s`` [V] (Keras int8, int4)
+``Cast(Gather(q, i)) * Unsqueeze(Gather(s, i))``     ``mul``, axis 0
+``(Cast(Gather(q, i)) - Cast(Z[i][:, g])) * S[i][:, g]``  ``group_affine`` (Keras int4, block_size > 0)
+``Gather(DequantizeLinear(q, s[, z]), i)``           ``affine`` (per tensor, axis 0 or 1), or
+                                                     ``group_affine`` for ``block_size`` on axis 1
+``Gather(Mul(Cast(q), s), i)``                       ``mul``: s of shape [], [1], [V, 1], [D], [1, D]
+==================================================  ==========================================
+
+The served dtype is the scale's dtype (ONNX ``Div``/``Mul``/``DequantizeLinear`` output the scale's type).
+Anything else raises :class:`~bridge.errors.UnsupportedError` naming the pattern: storing the integer
+table as if it were the embedding would serve wrong vectors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from bridge.errors import InputError, UnsupportedError
+from bridge.onnx_io import initializer_array, iter_graphs
+from bridge.quantization import Quantization
+from bridge.scan import TableRef, table_tensor
+
+
+@dataclass(frozen=True)
+class _Reader:
+    model: onnx.ModelProto
+    ref: TableRef
+    base_dir: Path | None
+
+    def array(self, name: str | None) -> np.ndarray | None:
+        """The constant ``name`` (searched in the table's graph, then in every other graph)."""
+        if not name:
+            return None
+        paths = [self.ref.graph] + [p for p, _ in iter_graphs(self.model) if p != self.ref.graph]
+        for path in paths:
+            try:
+                tensor = table_tensor(self.model, replace(self.ref, initializer=name, graph=path))
+            except InputError:
+                continue
+            try:
+                return np.asarray(initializer_array(tensor, self.base_dir))
+            except UnsupportedError as exc:
+                raise self.unsupported(f"its parameter {name!r} cannot be read ({exc})") from exc
+        raise self.unsupported(f"its parameter {name!r} is not a constant of the model")
+
+    def unsupported(self, why: str) -> UnsupportedError:
+        return UnsupportedError(
+            f"table {self.ref.initializer!r} is quantized ({(self.ref.quantization or {}).get('scheme')}) but {why}; "
+            "this dequantization is not supported, so its vectors cannot be served exactly"
+        )
+
+    @property
+    def rows(self) -> int:
+        return int(self.ref.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.ref.shape[1])
+
+
+def quantization_from_ref(model: onnx.ModelProto, ref: TableRef, base_dir: Path | None = None) -> Quantization | None:
+    """The :class:`Quantization` of table ``ref`` in ``model`` (None when the scan found none)."""
+    info = ref.quantization
+    if not info:
+        return None
+    reader = _Reader(model, ref, base_dir)
+    build = _SCHEMES.get(str(info.get("scheme")))
+    if build is None:
+        raise reader.unsupported(f"scheme {info.get('scheme')!r} is unknown")
+    _check_links(reader, _LINK_OPS.get(str(info.get("scheme"))))
+    if ref.dtype not in _INTEGERS:
+        raise reader.unsupported(f"its integers are {ref.dtype} (8- and 16-bit integer tables are supported)")
+    try:
+        quant = build(reader, info)
+        quant.check(reader.rows, reader.dim, np.dtype(ref.dtype), ref.initializer)
+    except (InputError, TypeError, ValueError) as exc:
+        raise reader.unsupported(str(exc)) from exc
+    return quant
+
+
+def _check_links(reader: _Reader, op: str | None) -> None:
+    """A dequantization in front of the Gather must feed every Gather, with only Identity after it."""
+    if op is None:
+        return
+    for use in reader.ref.gathers:
+        after = use.via[use.via.index(op) + 1:] if op in use.via else None
+        if after is None or any(link != "Identity" for link in after):
+            chain = " -> ".join(use.via) or "nothing"
+            raise reader.unsupported(f"Gather {use.node!r} reads it through {chain}, not through one {op}")
+
+
+def _out_dtype(reader: _Reader, scale: np.ndarray) -> str:
+    if scale.dtype.kind != "f":
+        raise reader.unsupported(f"its scale has dtype {scale.dtype}, not a float type")
+    return scale.dtype.name
+
+
+def _row_scale(reader: _Reader, info: dict[str, Any]) -> Quantization:
+    scale = _required(reader, info, "scale")
+    if info.get("op") == "Mul":
+        return Quantization("mul", scale, axis=0, out_dtype=_out_dtype(reader, scale))
+    return Quantization("row_div", scale, out_dtype=_out_dtype(reader, scale))
+
+
+def _group_affine(reader: _Reader, info: dict[str, Any]) -> Quantization:
+    scale = _required(reader, info, "scale")
+    zero = reader.array(info.get("zero_point"))
+    g_idx = _required(reader, info, "g_idx").astype(np.int64).reshape(-1)
+    size = _group_size(reader, g_idx)
+    return Quantization("group_affine", scale, zero, group_size=size, out_dtype=_out_dtype(reader, scale))
+
+
+def _group_size(reader: _Reader, g_idx: np.ndarray) -> int:
+    """``B`` such that ``g_idx == arange(dim) // B``; anything else is refused."""
+    size = int(np.count_nonzero(g_idx == 0))
+    if g_idx.shape != (reader.dim,) or size == 0 or not np.array_equal(g_idx, np.arange(reader.dim) // size):
+        raise reader.unsupported("its column groups are not consecutive blocks of one size")
+    return size
+
+
+def _dequantize_linear(reader: _Reader, info: dict[str, Any]) -> Quantization:
+    scale = _required(reader, info, "scale")
+    zero = reader.array(info.get("zero_point"))
+    out = _out_dtype(reader, scale)
+    axis = int(info.get("axis", 1))
+    if axis not in (-2, -1, 0, 1):
+        raise reader.unsupported(f"its axis is {axis}")
+    axis %= 2
+    if scale.size == 1:
+        return Quantization("affine", scale.reshape(1), _flat(zero), out_dtype=out)
+    if info.get("block_size"):
+        if axis != 1 or scale.ndim != 2:
+            raise reader.unsupported("it is blocked along the rows (axis 0); only blocks along axis 1 are supported")
+        return Quantization("group_affine", scale, zero, group_size=int(info["block_size"]), out_dtype=out)
+    return Quantization("affine", scale, zero, axis=axis, out_dtype=out)
+
+
+def _mul_cast(reader: _Reader, info: dict[str, Any]) -> Quantization:
+    scale = _required(reader, info, "scale")
+    out = _out_dtype(reader, scale)
+    if scale.size == 1 and scale.ndim <= 2:
+        return Quantization("mul", scale.reshape(1), out_dtype=out)
+    if scale.shape == (reader.rows, 1):
+        return Quantization("mul", scale.reshape(-1), axis=0, out_dtype=out)
+    if scale.shape in ((reader.dim,), (1, reader.dim)):
+        return Quantization("mul", scale.reshape(-1), axis=1, out_dtype=out)
+    raise reader.unsupported(f"its scale has shape {list(scale.shape)} (per-tensor, [rows, 1] or [dim] are supported)")
+
+
+def _flat(zero: np.ndarray | None) -> np.ndarray | None:
+    return None if zero is None else zero.reshape(1)
+
+
+def _required(reader: _Reader, info: dict[str, Any], key: str) -> np.ndarray:
+    value = reader.array(info.get(key))
+    if value is None:
+        raise reader.unsupported(f"it names no {key}")
+    return value
+
+
+_INTEGERS = frozenset({"int8", "uint8", "int16", "uint16"})  # scan's dtype names ("int4" is ONNX's, not numpy's)
+#: scan schemes applied in front of the Gather, and the link op that applies them
+_LINK_OPS = {"dequantize_linear": "DequantizeLinear", "mul_cast": "Mul"}
+
+_SCHEMES: dict[str, Callable[[_Reader, dict[str, Any]], Quantization]] = {
+    "row_scale": _row_scale,
+    "group_affine": _group_affine,
+    "dequantize_linear": _dequantize_linear,
+    "mul_cast": _mul_cast,
+}
+
+__all__ = ["quantization_from_ref"]
