@@ -13,10 +13,10 @@ import re
 import sys
 from collections.abc import Sequence
 
-from bridge.cli import model_cmds, serve_cmds, share_cmds
+from bridge.cli import bench_cmds, model_cmds, serve_cmds, share_cmds
 from bridge.errors import BridgeError
 
-_COMMANDS = (model_cmds, serve_cmds, share_cmds)
+_COMMANDS = (model_cmds, serve_cmds, share_cmds, bench_cmds)
 
 
 def build_parser() -> argparse.ArgumentParser:

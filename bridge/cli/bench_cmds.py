@@ -25,8 +25,9 @@ def register(sub: Any) -> None:
                        description="Time lookups through every bridge adapter against the frameworks' own calls, "
                        "round-robin in one process. Writes results.json, results.md, latency.png and "
                        "bandwidth.png into --out; prints the Markdown tables (or, with --json, the JSON document).")
-    p.add_argument("--quick", action="store_true", help="5 batch sizes, fewer repeats: under 2 minutes")
-    p.add_argument("--large", action="store_true", help="add the 2 GiB table (needs about 8 GiB of free memory)")
+    p.add_argument("--quick", action="store_true",
+                   help="4 batch sizes (1, 64, 4096, 65536), fewer repeats: under 2 minutes")
+    p.add_argument("--large", action="store_true", help="add the 2 GiB table (needs about 10 GiB of free memory)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                    help=f"output directory, created if missing; its result files are replaced (default: {DEFAULT_OUT})")
     p.add_argument("--no-tf", action="store_true", help="skip TensorFlow and Keras (saves their import time)")

@@ -1,0 +1,176 @@
+"""Timing: warm-up, calibrated samples, round-robin over variants, median and interquartile range.
+
+A variant is bound to one cell (table, ids, output buffer) as a :class:`Bound`: a zero-argument
+callable, ideally a ``functools.partial`` of the framework call itself, so the harness adds no Python
+frame of its own. The garbage collector is off while samples are taken. Each sample times ``inner``
+back-to-back calls with ``perf_counter_ns`` and records the mean per call; the loop costs a few tens
+of nanoseconds per call (``machine.timer.loop_overhead_s`` in the JSON), included in every figure.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+_MAX_INNER = 1_000_000
+_MAX_WARMUP_CALLS = 1 << 16
+
+
+@dataclass(frozen=True)
+class Bound:
+    """One variant bound to one cell.
+
+    ``call`` does the lookup; ``enter`` (optional) runs before each sample, outside the timed region
+    (e.g. ``torch.set_num_threads``); ``fetch`` (optional) returns the output of the last call for the
+    correctness check when ``call`` writes into a buffer and returns nothing useful.
+    """
+
+    call: Callable[[], object]
+    enter: Callable[[], object] | None = None
+    fetch: Callable[[], object] | None = None
+    settle: bool = False
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-variant caps on samples (``None``: the run's ``repeats``)."""
+
+    max_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Seconds per call: median, quartiles, interquartile range, minimum; ``samples`` of ``inner`` calls.
+
+    ``cpu_median`` is the median of the process's CPU time per call (all its threads, user + system): on a
+    busy machine it is the steadier figure for single-thread variants, whose wall time includes the time
+    they waited for a core; for multi-thread variants it is the CPU cost, not the latency.
+    """
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    samples: int
+    inner: int
+    cpu_median: float
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "median_s": self.median, "q1_s": self.q1, "q3_s": self.q3, "iqr_s": self.iqr,
+            "min_s": self.min, "samples": self.samples, "inner": self.inner, "cpu_median_s": self.cpu_median,
+        }
+
+
+def summarize(samples: list[tuple[float, float]], inner: int) -> Stats:
+    """:class:`Stats` of ``(wall, cpu)`` seconds per call, one pair per sample."""
+    values = np.asarray([w for w, _ in samples], dtype=np.float64)
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    cpu = float(np.median([c for _, c in samples]))
+    return Stats(float(med), float(q1), float(q3), float(values.min()), len(samples), inner, cpu)
+
+
+def time_sample(bound: Bound, inner: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds per call, averaged over ``inner`` back-to-back calls."""
+    if bound.enter is not None:
+        bound.enter()
+    call = bound.call
+    loop = range(inner)
+    cpu = time.process_time_ns()
+    start = time.perf_counter_ns()
+    for _ in loop:
+        call()
+    wall = time.perf_counter_ns() - start
+    cpu = time.process_time_ns() - cpu
+    return wall * 1e-9 / inner, cpu * 1e-9 / inner
+
+
+def settle(max_s: float = 0.5, step_s: float = 0.005, quiet_steps: int = 2, busy_fraction: float = 0.1) -> float:
+    """Sleep until this process used under ``busy_fraction`` of a core for ``quiet_steps`` steps in a row.
+
+    onnxruntime's pool spins a whole core for 30-50 ms after a 2-thread run, torch's OpenMP threads for
+    5-15 ms (measured here). Steps of 5 ms: the process CPU clock of threads running on other cores is
+    only updated every scheduler tick. Returns the seconds waited (at most ``max_s``).
+    """
+    start = time.perf_counter()
+    quiet = 0
+    while quiet < quiet_steps and time.perf_counter() - start < max_s:
+        cpu = time.process_time_ns()
+        time.sleep(step_s)
+        quiet = quiet + 1 if time.process_time_ns() - cpu < busy_fraction * step_s * 1e9 else 0
+    return time.perf_counter() - start
+
+
+def calibrate(bound: Bound, warmup_s: float, sample_s: float) -> tuple[int, float]:
+    """Warm ``bound`` up: at least two calls, in doubling batches until ``warmup_s`` is spent.
+
+    Returns ``(inner, estimate)``: calls per sample so a sample lasts about ``sample_s``, and the
+    estimated seconds per call from the last warm-up batch.
+    """
+    spent, calls, n, estimate = 0.0, 0, 1, math.inf
+    while True:
+        estimate = time_sample(bound, n)[0]
+        spent += estimate * n
+        calls += n
+        if (spent >= warmup_s and calls >= 2) or calls >= _MAX_WARMUP_CALLS:
+            break
+        n = calls  # batches of 1, 1, 2, 4, 8, ... calls
+    if bound.settle:
+        settle()
+    inner = int(min(_MAX_INNER, max(1, round(sample_s / max(estimate, 1e-9)))))
+    return inner, estimate
+
+
+def plan_samples(estimate: float, inner: int, *, repeats: int, min_repeats: int, budget_s: float,
+                 limit: Limits) -> int:
+    """How many samples a variant gets in one cell: ``repeats``, cut to fit ``budget_s``, capped by ``limit``."""
+    fitting = int(budget_s // max(estimate * inner, 1e-12))
+    wanted = min(repeats, max(min_repeats, fitting))
+    if limit.max_samples is not None:
+        wanted = min(wanted, limit.max_samples)
+    return max(1, wanted)
+
+
+def round_robin(
+    bounds: Mapping[str, Bound],
+    plans: Mapping[str, tuple[int, int]],
+) -> dict[str, Stats]:
+    """Time every variant, one sample per round, rotating the starting variant each round.
+
+    ``plans[name] = (inner, samples)``. Returns :class:`Stats` per variant name.
+    """
+    names = list(bounds)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    rounds = max((plans[n][1] for n in names), default=0)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for name in order:
+                inner, samples = plans[name]
+                if r < samples:
+                    times[name].append(time_sample(bounds[name], inner))
+                    if bounds[name].settle:
+                        settle()
+    finally:
+        if was_enabled:
+            gc.enable()
+    return {name: summarize(times[name], plans[name][0]) for name in names}
+
+
+def loop_overhead(calls: int = 200_000) -> float:
+    """Seconds the timing loop itself adds per call (timing a call of a C no-op)."""
+    noop = Bound(call=int)
+    return min(time_sample(noop, calls)[0] for _ in range(3))

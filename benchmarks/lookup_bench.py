@@ -1,0 +1,114 @@
+"""The main run: every table size x id distribution x batch size, all variants round-robin per cell."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.config import BenchConfig, TableSpec
+from benchmarks.data import make_ids, make_store_table
+from benchmarks.harness import Bound, calibrate, plan_samples, round_robin
+from benchmarks.machine import CpuMonitor
+from benchmarks.variants import Binder, Cell, TableContext, Variant
+
+
+class MismatchError(Exception):
+    """A variant returned different bytes than ``np.take``: it is not timed."""
+
+
+def run_lookups(cfg: BenchConfig, variants: list[Variant], tmp: Path, progress: Any) -> dict[str, Any]:
+    """Run every cell; returns ``{"results", "errors", "skipped", "tables"}`` for the JSON document."""
+    found: dict[str, list[Any]] = {"results": [], "errors": [], "skipped": [], "tables": []}
+    rng = np.random.default_rng(cfg.seed)
+    for number, spec in enumerate(cfg.tables):
+        monitor = CpuMonitor()
+        started = time.perf_counter()
+        progress.set_description(f"{spec.name}: writing {spec.rows:,}x{spec.dim} table")
+        table = make_store_table(spec, tmp, cfg.seed + number)
+        ctx = TableContext(spec, table, np.asarray(table.data))
+        binders = _make_binders(ctx, variants, found["skipped"], progress)
+        setup_s = time.perf_counter() - started
+        for dist in cfg.distributions:
+            for batch in cfg.batches:
+                progress.set_description(f"{spec.name} {dist} batch {batch:,}")
+                ids = make_ids(spec.rows, batch, dist, rng, cfg.zipf_s)
+                found["results"] += run_cell(cfg, ctx, binders, variants, dist, ids, found["errors"])
+                progress.update(1)
+        found["tables"].append({"name": spec.name, "rows": spec.rows, "dim": spec.dim, "dtype": spec.dtype,
+                                "bytes": spec.nbytes, "setup_s": round(setup_s, 3), "cpu": monitor.report()})
+        del ctx, binders, table
+        gc.collect()
+    return found
+
+
+def _make_binders(ctx: TableContext, variants: list[Variant], skipped: list[dict[str, Any]],
+                  progress: Any) -> dict[str, Binder]:
+    binders = {}
+    for variant in variants:
+        progress.set_description(f"{ctx.spec.name}: preparing {variant.name}")
+        try:
+            binders[variant.name] = variant.make(ctx)
+        except Exception as exc:  # noqa: BLE001 - a variant that cannot start is recorded, not fatal
+            skipped.append({"variant": variant.name, "table": ctx.spec.name, "reason": _describe(exc)})
+    return binders
+
+
+def run_cell(cfg: BenchConfig, ctx: TableContext, binders: dict[str, Binder], variants: list[Variant],
+             distribution: str, ids: np.ndarray, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Bind, check and calibrate every eligible variant on one cell, then time them round-robin."""
+    batch = int(ids.shape[0])
+    out = np.zeros((batch, ctx.spec.dim), np.float32)
+    cell = Cell(ids=ids, out=out)
+    reference = np.take(ctx.array, ids, axis=0)
+    where = {"table": ctx.spec.name, "distribution": distribution, "batch": batch}
+    bounds: dict[str, Bound] = {}
+    plans: dict[str, tuple[int, int]] = {}
+    for variant in variants:
+        if variant.name not in binders or (variant.max_batch is not None and batch > variant.max_batch):
+            continue
+        try:
+            bound = binders[variant.name](cell)
+            if variant.threads is None or variant.threads > 1:
+                bound = replace(bound, settle=True)
+            if variant.kind != "limit":
+                check(bound, cell, reference)
+            inner, estimate = calibrate(bound, cfg.warmup_s, cfg.sample_s)
+        except Exception as exc:  # noqa: BLE001 - a failing variant is recorded; the others still run
+            errors.append({"variant": variant.name, **where, "error": _describe(exc)})
+            continue
+        bounds[variant.name] = bound
+        plans[variant.name] = (inner, plan_samples(estimate, inner, repeats=cfg.repeats, min_repeats=cfg.min_repeats,
+                                                   budget_s=cfg.variant_budget_s, limit=variant.limits))
+    del reference
+    stats = round_robin(bounds, plans)
+    nbytes = batch * ctx.spec.dim * 4
+    return [{"variant": name, **where, **s.to_json(), "bytes_out": nbytes} for name, s in stats.items()]
+
+
+def check(bound: Bound, cell: Cell, reference: np.ndarray) -> None:
+    """Call ``bound`` once (the first warm-up call) and compare its output with ``np.take`` bit for bit."""
+    cell.out.fill(np.nan)
+    if bound.enter is not None:
+        bound.enter()
+    result = bound.call()
+    got = bound.fetch() if bound.fetch is not None else result
+    if isinstance(got, (list, tuple)):
+        got = got[0]
+    arr = np.asarray(got)
+    if arr.shape != reference.shape or arr.dtype != reference.dtype or not np.array_equal(arr, reference):
+        raise MismatchError(f"output differs from np.take (shape {arr.shape}, dtype {arr.dtype})")
+
+
+def _describe(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def cells_in(cfg: BenchConfig, tables: tuple[TableSpec, ...] | None = None) -> int:
+    """How many cells a run has (for the progress bar)."""
+    return len(tables or cfg.tables) * len(cfg.distributions) * len(cfg.batches)

@@ -1,0 +1,88 @@
+"""One benchmark run end to end: lookups, token lookups, targets; then JSON, Markdown and PNG files."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from benchmarks import SCHEMA
+from benchmarks.config import BenchConfig
+from benchmarks.harness import loop_overhead
+from benchmarks.lookup_bench import cells_in, run_lookups
+from benchmarks.machine import CpuMonitor, machine_info
+from benchmarks.report import add_ratios, to_markdown, validate
+from benchmarks.targets import evaluate
+from benchmarks.tokens_bench import run_tokens
+from benchmarks.variants import catalogue
+from bridge.atomic import atomic_file
+
+JSON_NAME, MARKDOWN_NAME = "results.json", "results.md"
+
+
+def run_benchmark(cfg: BenchConfig, *, command: str | None = None, progress: bool = True,
+                  tmp_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Run ``cfg`` and return the JSON document (schema ``embridge-bench/1``, see the README).
+
+    Tables are written as stores in a temporary directory (under ``tmp_dir`` if given), memory-mapped,
+    and removed at the end. Progress goes to stderr (tqdm) unless ``progress`` is false or
+    ``EMBRIDGE_NO_PROGRESS`` is set.
+    """
+    from tqdm.auto import tqdm
+
+    started, monitor = time.perf_counter(), CpuMonitor()
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    machine = machine_info()
+    machine["timer"] = {"clock": "perf_counter_ns", "resolution_s": time.get_clock_info("perf_counter").resolution,
+                        "loop_overhead_s": loop_overhead()}
+    variants = catalogue(cfg)
+    skipped = [{"variant": v.name, "reason": f"not installed: {', '.join(v.missing())}"} for v in variants
+               if v.missing()]
+    runnable = [v for v in variants if not v.missing()]
+    enabled = progress and not os.environ.get("EMBRIDGE_NO_PROGRESS")
+    total = cells_in(cfg) + (1 if cfg.tokens > 0 else 0)
+    with tempfile.TemporaryDirectory(prefix="embridge-bench-", dir=tmp_dir) as tmp, \
+            tqdm(total=total, file=sys.stderr, disable=not enabled, unit="cell", leave=False) as bar:
+        found = run_lookups(cfg, runnable, Path(tmp), bar)
+        tokens = run_tokens(cfg, Path(tmp), bar)
+    add_ratios(found["results"])
+    doc: dict[str, Any] = {
+        "schema": SCHEMA, "created": created, "duration_s": round(time.perf_counter() - started, 2),
+        "mode": cfg.mode, "command": command, "config": cfg.to_json(), "machine": machine, "cpu": monitor.report(),
+        "variants": [v.to_json() for v in variants], "tables": found["tables"], "results": found["results"],
+        "errors": found["errors"], "skipped": skipped + found["skipped"], "tokens": tokens, "targets": [],
+    }
+    doc["targets"] = evaluate(doc)
+    return doc
+
+
+def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Path]:
+    """Write ``results.json``, ``results.md`` and (with ``plots``) ``latency.png``, ``bandwidth.png``.
+
+    ``out_dir`` is created if needed; each file is replaced atomically, other files there are left alone.
+    """
+    import json
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    problems = validate(doc)
+    if problems:
+        raise ValueError("benchmark document does not match its schema: " + "; ".join(problems[:5]))
+    written = {"json": out / JSON_NAME, "markdown": out / MARKDOWN_NAME}
+    with atomic_file(written["json"], "w") as fh:
+        json.dump(doc, fh, indent=1)  # type: ignore[arg-type]
+        fh.write("\n")  # type: ignore[attr-defined]
+    with atomic_file(written["markdown"], "w") as fh:
+        fh.write(to_markdown(doc))  # type: ignore[attr-defined]
+    if plots:
+        from benchmarks.plots import write_plots
+
+        for path in write_plots(doc, out):
+            written[path.stem] = path
+    for path in written.values():
+        path.chmod(0o644)  # atomic_file creates 0600 files; results are meant to be shared
+    return written

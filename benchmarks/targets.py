@@ -1,0 +1,117 @@
+"""The performance targets of the issue, evaluated on one run's results (pass, fail, or not measured).
+
+- per-call time at batch 1 (``lookup(ids)``, one thread): numpy <= 3 us, torch <= 5 us, onnxruntime <= 6 us,
+  worst over every table and id distribution measured;
+- at batch >= 65,536, each adapter writing into ``out=`` within 1.10x of the fastest raw call of its own
+  framework with the same thread count, in the same cell (worst cell counts);
+- at 1,048,576 uniform ids on the ``large`` (2 GiB) table, the best adapter >= 40% of single-thread copy
+  bandwidth (``memcpy`` time / adapter time);
+- 1M token lookups: every adapter's ``lookup.tokens`` >= 3x faster than gensim ``kv[words]``.
+
+``value`` (wall time) decides pass or fail. ``value_cpu`` is the same figure from process CPU time, for
+reading a run taken on a busy machine (for 2-thread variants it compares CPU cost, not latency; ``null``
+for the bandwidth target, whose best adapter may use 2 threads).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+OVERHEAD = (("numpy", "bridge.numpy", 3e-6), ("torch", "bridge.torch@1t", 5e-6),
+            ("onnxruntime", "bridge.onnxruntime@1t", 6e-6))
+PARITY_MIN_BATCH = 65_536
+PARITY_MAX_RATIO = 1.10
+BANDWIDTH_TABLE, BANDWIDTH_BATCH, BANDWIDTH_MIN = "large", 1_048_576, 0.40
+TOKENS_MIN_SPEEDUP = 3.0
+
+
+def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """All targets for the document ``doc`` (needs ``results``, ``variants`` and ``tokens``)."""
+    rows = doc["results"]
+    variants = {v["name"]: v for v in doc["variants"]}
+    found = [_overhead(rows, backend, name, limit) for backend, name, limit in OVERHEAD]
+    found += _parity(rows, variants)
+    found.append(_bandwidth(rows, variants))
+    found += _tokens(doc.get("tokens"))
+    return found
+
+
+def _target(name: str, description: str, comparison: str, threshold: float, value: float | None,
+            unit: str, detail: str, value_cpu: float | None = None) -> dict[str, Any]:
+    passed = None
+    if value is not None:
+        passed = value <= threshold if comparison == "<=" else value >= threshold
+    return {"name": name, "description": description, "comparison": comparison, "threshold": threshold,
+            "value": value, "value_cpu": value_cpu, "unit": unit, "passed": passed, "detail": detail}
+
+
+def _overhead(rows: list[dict[str, Any]], backend: str, variant: str, limit: float) -> dict[str, Any]:
+    cells = [r for r in rows if r["variant"] == variant and r["batch"] == 1]
+    worst = max(cells, key=lambda r: r["median_s"], default=None)
+    detail = "not measured (needs batch 1 and the adapter)" if worst is None else (
+        f"worst of {len(cells)} cell(s): {worst['table']}/{worst['distribution']}")
+    cpu = max((r["cpu_median_s"] for r in cells), default=None)
+    return _target(f"batch1-{backend}", f"{variant} per call at batch 1", "<=", limit,
+                   None if worst is None else worst["median_s"], "s", detail, cpu)
+
+
+def _parity(rows: list[dict[str, Any]], variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    by_cell: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        if r["batch"] >= PARITY_MIN_BATCH:
+            by_cell[(r["table"], r["distribution"], r["batch"])][r["variant"]] = r
+    found = []
+    for name, v in variants.items():
+        if v["kind"] != "adapter" or v["form"] != "out":
+            continue
+        peers = [p for p, w in variants.items()
+                 if w["kind"] == "raw" and w["framework"] == v["framework"] and (w["threads"] or 1) == v["threads"]]
+        worst, worst_cpu, where, count = None, None, "", 0
+        for cell, found_rows in sorted(by_cell.items()):
+            raw = [found_rows[p] for p in peers if p in found_rows]
+            if name not in found_rows or not raw:
+                continue
+            count += 1
+            ratio = found_rows[name]["median_s"] / min(r["median_s"] for r in raw)
+            ratio_cpu = found_rows[name]["cpu_median_s"] / min(r["cpu_median_s"] for r in raw)
+            worst_cpu = ratio_cpu if worst_cpu is None else max(worst_cpu, ratio_cpu)
+            if worst is None or ratio > worst:
+                worst, where = ratio, f"{cell[0]}/{cell[1]}/batch {cell[2]:,}"
+        detail = f"worst of {count} cell(s): {where}" if worst is not None else (
+            f"not measured (needs batch >= {PARITY_MIN_BATCH:,}, the adapter and a raw {v['framework']} call)")
+        found.append(_target(f"large-batch-{name}", f"{name} / fastest raw {v['framework']} call "
+                             f"({v['threads']} thread(s)), batch >= {PARITY_MIN_BATCH:,}", "<=", PARITY_MAX_RATIO,
+                             worst, "x", detail, worst_cpu))
+    return found
+
+
+def _bandwidth(rows: list[dict[str, Any]], variants: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    cell = [r for r in rows if r["table"] == BANDWIDTH_TABLE and r["batch"] == BANDWIDTH_BATCH
+            and r["distribution"] == "uniform"]
+    copy = next((r["median_s"] for r in cell if r["variant"] == "memcpy"), None)
+    adapters = [r for r in cell if variants.get(r["variant"], {}).get("kind") == "adapter"]
+    best = min(adapters, key=lambda r: r["median_s"], default=None)
+    value = None if best is None or copy is None else copy / best["median_s"]
+    detail = f"best: {best['variant']}" if value is not None and best is not None else (
+        f"not measured (needs --large and batch {BANDWIDTH_BATCH:,})")
+    return _target("copy-bandwidth-large", f"best adapter, fraction of single-thread copy bandwidth at "
+                   f"{BANDWIDTH_BATCH:,} uniform ids on the {BANDWIDTH_TABLE} table", ">=", BANDWIDTH_MIN,
+                   value, "fraction", detail)
+
+
+def _tokens(tokens: dict[str, Any] | None) -> list[dict[str, Any]]:
+    if not tokens:
+        return [_target("tokens-vs-gensim", "lookup.tokens speed-up over gensim kv[words]", ">=",
+                        TOKENS_MIN_SPEEDUP, None, "x", "not measured (token benchmark skipped)")]
+    found = []
+    for r in tokens["results"]:
+        if not r["variant"].startswith("bridge."):
+            continue
+        value = r["speedup_vs_gensim"]
+        detail = f"{tokens['tokens']:,} tokens" if value is not None else "not measured (gensim missing)"
+        gensim = next((g for g in tokens["results"] if g["variant"] == "gensim.kv[words]"), None)
+        cpu = gensim["cpu_median_s"] / r["cpu_median_s"] if gensim is not None and r["cpu_median_s"] > 0 else None
+        found.append(_target(f"tokens-{r['variant']}", f"{r['variant']} speed-up over gensim kv[words]", ">=",
+                             TOKENS_MIN_SPEEDUP, value, "x", detail, cpu))
+    return found

@@ -1,0 +1,200 @@
+"""The benchmark suite on tiny sizes: the JSON schema, the Markdown, the PNG plots, the CLI. Never timings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from benchmarks import SCHEMA
+from benchmarks.config import TableSpec, quick_config
+from benchmarks.data import make_ids
+from benchmarks.harness import Bound, Limits, plan_samples, round_robin
+from benchmarks.report import validate  # noqa: E402
+from benchmarks.runner import run_benchmark, write_outputs  # noqa: E402
+from bridge.errors import InputError  # noqa: E402
+
+TINY = TableSpec("tiny", 500, 8)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_config(**changes: Any) -> Any:
+    base: dict[str, Any] = dict(tables=(TINY,), batches=(1, 16, 65536), tokens=1000, token_vocab=200, token_dim=8,
+                                tensorflow=False, repeats=3, min_repeats=2, sample_s=0.0005, warmup_s=0.002,
+                                variant_budget_s=0.05, token_repeats=2)
+    base.update(changes)
+    return quick_config(**base)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, dict[str, Path]]:
+    out = tmp_path_factory.mktemp("bench")
+    doc = run_benchmark(tiny_config(gensim_max_batch=16), command="test", progress=False, tmp_dir=out)
+    return doc, out, write_outputs(doc, out / "results")
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    """Width and height from a PNG's IHDR chunk, after checking the signature and the chunk's CRC."""
+    import zlib
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    length, kind = struct.unpack(">I4s", data[8:16])
+    assert kind == b"IHDR" and length == 13
+    crc = struct.unpack(">I", data[16 + length:20 + length])[0]
+    assert crc == zlib.crc32(data[12:16 + length])
+    assert data.rstrip(b"\x00")[-8:-4] == b"IEND"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_document_matches_the_schema(run: tuple[dict[str, Any], Path, dict[str, Path]]) -> None:
+    doc, _, written = run
+    assert validate(doc) == []
+    on_disk = json.loads(written["json"].read_text())
+    assert on_disk["schema"] == SCHEMA == "embridge-bench/1"
+    assert validate(on_disk) == []
+    assert on_disk["config"]["tables"][0] == {"name": "tiny", "rows": 500, "dim": 8, "dtype": "float32", "bytes": 16000}
+    assert isinstance(on_disk["machine"]["timer"]["loop_overhead_s"], float)
+    assert on_disk["cpu"]["self_cores"] >= 0
+
+
+def test_every_cell_has_the_references_and_the_adapters(run: tuple[dict[str, Any], Path, dict[str, Path]]) -> None:
+    doc = run[0]
+    assert doc["errors"] == []
+    names = {(r["variant"], r["distribution"], r["batch"]) for r in doc["results"]}
+    for variant in ("np.take", "memcpy", "np.take(out,clip)", "bridge.numpy", "bridge.numpy(out)",
+                    "bridge.torch(out)@2t", "bridge.onnxruntime(out)@1t", "ort.ortvaluevector(out)@2t"):
+        for dist in ("uniform", "zipf"):
+            for batch in (1, 16, 65536):
+                assert (variant, dist, batch) in names
+    assert not any(v["framework"] in ("tensorflow", "keras") for v in doc["variants"])  # tensorflow=False
+    gensim_batches = {r["batch"] for r in doc["results"] if r["variant"] == "gensim.kv[ids]"}
+    assert gensim_batches == {1, 16}  # capped at gensim_max_batch
+    for r in doc["results"]:
+        assert 0 < r["min_s"] <= r["q1_s"] <= r["median_s"] <= r["q3_s"]
+        assert r["samples"] >= 1 and r["inner"] >= 1
+        assert r["bytes_out"] == r["batch"] * 8 * 4
+        if r["variant"] == "np.take":
+            assert r["vs_np_take"] == 1.0
+
+
+def test_targets_are_evaluated_or_marked_not_measured(run: tuple[dict[str, Any], Path, dict[str, Path]]) -> None:
+    targets = {t["name"]: t for t in run[0]["targets"]}
+    assert isinstance(targets["batch1-numpy"]["passed"], bool)
+    assert isinstance(targets["large-batch-bridge.numpy(out)"]["passed"], bool)  # batch 65,536 was run
+    assert targets["copy-bandwidth-large"]["passed"] is None  # no large table in this run
+    assert targets["copy-bandwidth-large"]["value"] is None
+    assert isinstance(targets["tokens-bridge.numpy.tokens"]["value"], float)
+
+
+def test_tokens_section(run: tuple[dict[str, Any], Path, dict[str, Path]]) -> None:
+    tokens = run[0]["tokens"]
+    assert tokens["tokens"] == 1000 and tokens["errors"] == []
+    variants = {r["variant"] for r in tokens["results"]}
+    assert {"bridge.numpy.tokens", "gensim.kv[words]", "vocab.ids+np.take"} <= variants
+
+
+def test_markdown_and_plots_are_written(run: tuple[dict[str, Any], Path, dict[str, Path]]) -> None:
+    _, _, written = run
+    text = written["markdown"].read_text()
+    assert text.startswith("# Lookup benchmark (quick mode)")
+    assert "## Targets" in text and "## tiny: 500 x 8 float32" in text
+    assert "| np.take | raw | " in text and "(1.00x)" in text
+    for name in ("latency", "bandwidth"):
+        width, height = png_size(written[name])
+        assert width > 200 and height > 200
+    import matplotlib.image
+
+    assert matplotlib.image.imread(written["latency"]).ndim == 3
+
+
+def test_validate_names_the_problem(run: tuple[dict[str, Any], Path, dict[str, Path]]) -> None:
+    doc = json.loads(run[2]["json"].read_text())
+    doc["results"][0]["median_s"] = "fast"
+    del doc["machine"]["versions"]
+    doc["variants"][0]["kind"] = "other"
+    problems = validate(doc)
+    assert "$.results[0].median_s has type str, expected int or float" in problems
+    assert "$.machine.versions is missing" in problems
+    doc = json.loads(run[2]["json"].read_text())
+    doc["variants"][0]["kind"] = "other"
+    doc["schema"] = "embridge-bench/0"
+    assert len(validate(doc)) == 2
+
+
+def test_zipf_ids_are_skewed_and_in_range() -> None:
+    rng = np.random.default_rng(0)
+    ids = make_ids(1000, 20000, "zipf", rng)
+    assert ids.dtype == np.int64 and ids.min() >= 0 and ids.max() < 1000
+    counts = np.bincount(ids, minlength=1000)
+    assert counts[0] > 5 * counts[99] > 0  # weight 1/(k+1): row 0 about 100x row 99
+    uniform = make_ids(1000, 20000, "uniform", rng)
+    assert uniform.min() >= 0 and uniform.max() < 1000 and np.bincount(uniform).max() < 60
+
+
+def test_round_robin_takes_the_planned_samples() -> None:
+    calls: dict[str, int] = {"a": 0, "b": 0}
+    entered: list[str] = []
+
+    def bound(name: str) -> Bound:
+        return Bound(call=lambda: calls.__setitem__(name, calls[name] + 1), enter=lambda: entered.append(name))
+
+    stats = round_robin({"a": bound("a"), "b": bound("b")}, {"a": (10, 3), "b": (5, 1)})
+    assert calls == {"a": 30, "b": 5}
+    assert entered == ["a", "b", "a", "a"]  # round 2 starts with the second variant; b has one sample
+    assert stats["a"].samples == 3 and stats["a"].inner == 10 and stats["b"].samples == 1
+    assert plan_samples(1.0, 1, repeats=9, min_repeats=3, budget_s=2.0, limit=Limits()) == 3
+    assert plan_samples(1e-6, 1000, repeats=9, min_repeats=3, budget_s=2.0, limit=Limits(5)) == 5
+
+
+def cli(argv: list[str]) -> argparse.Namespace:
+    from bridge.cli import bench_cmds
+
+    parser = argparse.ArgumentParser(prog="embridge")
+    bench_cmds.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_cli_json_on_stdout_and_files(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBRIDGE_NO_PROGRESS", "1")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    out = tmp_path / "out"
+    args = cli(["bench", "--quick", "--no-tf", "--table", "t=300x4", "--batches", "1,8", "--dist", "zipf",
+                "--variants", "bridge.numpy*", "--tokens", "0", "--repeats", "2", "--out", str(out), "--json"])
+    assert args.func(args) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert validate(doc) == []
+    assert doc["command"] == ("embridge bench --quick --no-tf --variants 'bridge.numpy*' --batches 1,8 --dist zipf "
+                              f"--repeats 2 --tokens 0 --table t=300x4 --out {out}")
+    assert doc["mode"] == "quick+custom" and doc["tokens"] is None
+    assert {r["variant"] for r in doc["results"]} == {"np.take", "memcpy", "bridge.numpy", "bridge.numpy(out)"}
+    assert sorted(p.name for p in out.iterdir()) == ["bandwidth.png", "latency.png", "results.json", "results.md"]
+    assert "wrote " in captured.err
+
+
+def test_cli_rejects_bad_options() -> None:
+    for argv in (["bench", "--table", "big=10by4"], ["bench", "--batches", "1,x"], ["bench", "--dist", "normal"],
+                 ["bench", "--repeats", "0"]):
+        args = cli(argv)
+        with pytest.raises(InputError):
+            args.func(args)
+
+
+@pytest.mark.slow
+def test_tensorflow_and_keras_variants(tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow")
+    cfg = tiny_config(tensorflow=True, batches=(1, 16, 2048), keras_max_batch=16, tokens=0, gensim=False,
+                      variants=("tf.*", "keras.*"))
+    doc = run_benchmark(cfg, progress=False, tmp_dir=tmp_path)
+    assert doc["errors"] == [] and validate(doc) == []
+    found = {(r["variant"], r["batch"]) for r in doc["results"]}
+    assert {("tf.nn.embedding_lookup", 2048), ("keras.Embedding()", 16), ("keras.predict", 1)} <= found
+    assert ("keras.predict", 2048) not in found  # capped at keras_max_batch
+    assert max(r["samples"] for r in doc["results"] if r["variant"] == "keras.predict") <= 3
