@@ -83,6 +83,4 @@ def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike[str], *, plots
 
         for path in write_plots(doc, out):
             written[path.stem] = path
-    for path in written.values():
-        path.chmod(0o644)  # atomic_file creates 0600 files; results are meant to be shared
     return written

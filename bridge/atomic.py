@@ -21,6 +21,28 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read without changing it where /proc allows; else set and restore)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish_permissions(root: Path) -> None:
+    """Give a staged tree the modes a plain mkdir/open would have (mkdtemp/mkstemp use 0700/0600)."""
+    mask = _umask()
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def check_output_dir(out_dir: str | os.PathLike[str], force: bool) -> Path:
     """Return ``out_dir`` as a Path, refusing an existing non-empty directory unless ``force``."""
     out = Path(out_dir)
@@ -46,6 +68,7 @@ def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False) ->
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield staging
+        _publish_permissions(staging)
         _fsync_dir(staging)
         _replace_dir(staging, out)
     except BaseException:
@@ -80,6 +103,7 @@ def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[obje
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

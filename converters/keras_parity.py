@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from bridge.errors import InputError
+from bridge.errors import InputError, ParityError
 from bridge.parity import DEFAULT_BACKENDS, Comparison, LookupFn, ParityReport, compare
 from bridge.store import Store, open_store
 from bridge.store_parity import store_parity
 from converters.keras_env import to_numpy
 from converters.keras_layers import embedding_layers, iter_layers
 from converters.keras_load import load
+from converters.keras_onnx import output_names
 from converters.keras_precision import cast_comparisons, split_cast_tables
 
 #: Keras serves ids in [0, rows) and wraps [-rows, -1]; other policies have no Keras counterpart.
@@ -128,11 +129,15 @@ def model_comparisons(model: Any, onnx_path: Path, inputs: Mapping[str, np.ndarr
     feed_names = [i.name for i in session.get_inputs()]
     feeds = {name: _ort_feed(value) for name, value in zip(feed_names, inputs.values())}
     got = session.run(None, feeds)
-    expected = model([_keras_feed(v) for v in inputs.values()] if len(inputs) > 1 else _keras_feed(next(iter(inputs.values()))))
-    expected = expected if isinstance(expected, (list, tuple)) else [expected]
+    raw = model([_keras_feed(v) for v in inputs.values()] if len(inputs) > 1 else _keras_feed(next(iter(inputs.values()))))
+    # the converter named each ONNX output like this (tf2onnx then orders outputs by name): pair by name
+    expected = output_names(model, raw, set(feed_names) | {str(getattr(model, "name", "model"))})
     rows = []
-    for out, ref, cand in zip(session.get_outputs(), expected, got):
-        ref_np = to_numpy(ref)
+    for out, cand in zip(session.get_outputs(), got):
+        if out.name not in expected:
+            raise ParityError(f"the ONNX model's output {out.name!r} has no Keras counterpart "
+                              f"(Keras outputs: {', '.join(expected)}); convert the model again")
+        ref_np = to_numpy(expected[out.name])
         atol, rtol = model_tolerance(model, ref_np.dtype)
         flat_ids = np.arange(ref_np.reshape(-1, ref_np.shape[-1]).shape[0]) if ref_np.ndim else np.zeros(1, np.int64)
         rows.append(compare(ref_np.reshape(len(flat_ids), -1), np.asarray(cand).reshape(len(flat_ids), -1), flat_ids,

@@ -173,3 +173,15 @@ def test_missing_table_file_is_a_store_error(tmp_path: Path) -> None:
         store["tok/emb"]
     with pytest.raises(StoreError, match="file is missing"):
         open_store(tmp_path / "s")
+
+
+def test_store_gets_ordinary_permissions(tmp_path: Path) -> None:
+    """Staging uses mkdtemp (0700); the published store must be readable like any mkdir'd tree."""
+    old = os.umask(0o022)
+    try:
+        write_store(tmp_path / "s", _tables())
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes["s"] == 0o755 and modes["s/tables"] == 0o755
+    assert modes["s/manifest.json"] == 0o644 and modes["s/tables/pos.npy"] == 0o644
