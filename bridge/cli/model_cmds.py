@@ -30,6 +30,12 @@ def register(sub: Any) -> None:
                    help="load .keras files with safe_mode=False (runs code stored in the file; only for trusted files)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 17)")
     p.add_argument("--no-parity", action="store_true", help="skip the parity check after converting")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--large", dest="large", action="store_const", const=True, default=None,
+                      help="force the large-table path (tf2onnx converts a skeleton; tables become ONNX external "
+                           "data read from the store). Default: automatic at 256 MiB of tables or 2 GiB of weights")
+    size.add_argument("--no-large", dest="large", action="store_const", const=False,
+                      help="never use the large-table path")
     add_json(p)
     p.set_defaults(func=run_convert)
 
@@ -128,7 +134,8 @@ def run_convert(args: argparse.Namespace) -> int:
     from converters.keras import convert
 
     note(f"converting {args.model} with tf2onnx ...")
-    result = convert(args.model, args.out, force=args.force, safe_mode=not args.unsafe, opset=args.opset)
+    result = convert(args.model, args.out, force=args.force, safe_mode=not args.unsafe, opset=args.opset,
+                     large=args.large)
     parity = None if args.no_parity else result_parity(result)
     if args.json:
         emit_json({**store_summary(result.store), "onnx_model": str(result.onnx_path),

@@ -108,3 +108,20 @@ def test_flipped_value_caught_by_checksum_then_by_parity(converted: tuple[Path, 
     assert {c["backend"] for c in failures} == {"keras", "onnx-model"}
     assert all(c["table"] == "tok_emb" and c["first_mismatch_id"] == row for c in failures)
     assert all(c["mismatches"] == 1 for c in failures if c["case"] == "all_rows")
+
+
+def test_convert_cli_large_path_reads_table_from_the_store(converted: tuple[Path, Path], tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    _, keras_path = converted
+    code, out, err = _run(["convert", str(keras_path), "-o", str(tmp_path / "big"), "--large", "--json"], capsys)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["parity"]["passed"]
+    model = onnx.load(tmp_path / "big" / "model.onnx", load_external_data=False)
+    entry = next(t for t in doc["tables"] if t["name"] == "tok_emb")
+    (tensor,) = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    ext = {e.key: e.value for e in tensor.external_data}
+    assert ext["location"] == entry["file"] and int(ext["offset"]) == entry["data_offset"]
+    assert not list((tmp_path / "big").glob("*.data"))  # the table is on disk once: the store's .npy
