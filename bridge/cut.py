@@ -28,6 +28,7 @@ from onnx import TensorProto, helper
 from bridge import dtypes
 from bridge.errors import BackendError, InputError, UnsupportedError
 from bridge.external import onnx_elem_type
+from bridge.names import unique_name
 from bridge.onnx_io import iter_graphs, node_label, tensor_dtype
 
 CUT_KEY = "embedding_bridge.cut"
@@ -91,7 +92,7 @@ def cut_gathers(model: onnx.ModelProto, cuts: Sequence[TableCut]) -> tuple[list[
             except UnsupportedError as exc:
                 kept.append(f"table {cut.table!r}, {label}: {exc}")
                 continue
-            name = _unique(f"{cut.table}__vectors", taken)
+            name = unique_name(f"{cut.table}__vectors", taken)
             candidates.update(chain | {node.input[0], node.input[1]})
             _replace_with_input(model, node, name, ids_input, cut)
             specs.append(CutSpec(input=name, table=cut.table, ids_input=ids_input, policy="wrap", gather=label))
@@ -115,15 +116,6 @@ def _replace_with_input(model: onnx.ModelProto, node: onnx.NodeProto, name: str,
     node.op_type, node.name = "Identity", f"{name}_in"
     node.input.append(name)
     node.output.append(out)
-
-
-def _unique(base: str, taken: set[str]) -> str:
-    name, n = base, 1
-    while name in taken:
-        n += 1
-        name = f"{base}_{n}"
-    taken.add(name)
-    return name
 
 
 def _all_names(model: onnx.ModelProto) -> set[str]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import onnx
 from onnx import TensorProto, helper
 
+from bridge.names import unique_name
+
 #: Ops onnxruntime 1.31's CPU provider runs on bfloat16 (measured); every other op reading or
 #: writing bfloat16 is upcast. Upcasting a data-movement op too would only cost time, never bits.
 BFLOAT16_NATIVE = frozenset({
@@ -100,16 +102,16 @@ def upcast_bfloat16(model: onnx.ModelProto) -> Upcast:
         for i, name in enumerate(node.input):
             if name and types.get(name) == _BF16:
                 if name not in upcast_of:
-                    upcast_of[name] = _fresh(f"{name}__f32", taken)
+                    upcast_of[name] = unique_name(f"{name}__f32", taken)
                     nodes.append(helper.make_node("Cast", [name], [upcast_of[name]], to=_F32,
-                                                  name=_fresh(f"{name}__to_f32", taken)))
+                                                  name=unique_name(f"{name}__to_f32", taken)))
                 node.input[i] = upcast_of[name]
         nodes.append(node)
         for i, name in enumerate(node.output):
             if name and types.get(name) == _BF16:
-                wide = _fresh(f"{name}__f32", taken)
+                wide = unique_name(f"{name}__f32", taken)
                 node.output[i] = wide
-                nodes.append(helper.make_node("Cast", [wide], [name], to=_BF16, name=_fresh(f"{name}__to_bf16", taken)))
+                nodes.append(helper.make_node("Cast", [wide], [name], to=_BF16, name=unique_name(f"{name}__to_bf16", taken)))
         changed.append(node)
     if changed:
         del graph.node[:]
@@ -122,12 +124,3 @@ def _needs_upcast(node: onnx.NodeProto, types: dict[str, int]) -> bool:
     if node.domain not in _DEFAULT_DOMAINS or node.op_type in BFLOAT16_NATIVE or node.op_type in _TYPED_ELSEWHERE:
         return False
     return any(name and types.get(name) == _BF16 for name in (*node.input, *node.output))
-
-
-def _fresh(base: str, taken: set[str]) -> str:
-    name, n = base, 1
-    while name in taken:
-        n += 1
-        name = f"{base}_{n}"
-    taken.add(name)
-    return name

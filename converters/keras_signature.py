@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.errors import InputError, UnsupportedError
+from bridge.names import unique_name
 
 #: How the model is called with the inputs.
 SINGLE, LIST, DICT = "single", "list", "dict"
@@ -136,14 +137,8 @@ def _input_struct(model: Any) -> Any:
 
 
 def _unique(names: list[str]) -> list[str]:
-    out: list[str] = []
-    for name in names:
-        candidate, n = name, 1
-        while candidate in out:
-            n += 1
-            candidate = f"{name}_{n}"
-        out.append(candidate)
-    return out
+    taken: set[str] = set()
+    return [unique_name(name, taken) for name in names]
 
 
 def _from_value(name: str, value: Any) -> InputSpec:
