@@ -14,7 +14,7 @@ by a scale, both ``[rows, groups]`` and gathered with the same ids).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -232,20 +232,24 @@ def _row_scale(graph: GraphView, name: str, ids: str) -> str | None:
     return scale if scale is not None and len(graph.constant_shape(scale) or ()) == 1 else None
 
 
+def _consumers_of_cast_rows(step: Step) -> Iterator[tuple[onnx.NodeProto, int, str]]:
+    """``(consumer, input index, ids)`` for every consumer of a ``Cast`` of the rows ``step.node`` gathers."""
+    if len(step.node.input) < 2 or not step.node.output:
+        return
+    for cast_node, _ in step.view.consumers(step.node.output[0]):
+        if cast_node.op_type == "Cast" and cast_node.output:
+            for consumer, index in step.view.consumers(cast_node.output[0]):
+                yield consumer, index, step.node.input[1]
+
+
 def keras_row_scale(step: Step) -> dict[str, Any] | None:
     """Keras int8: ``Cast(Gather(Q, ids)) / Unsqueeze(Gather(S, ids))`` (or ``*``), ``S`` of shape [rows]."""
-    if len(step.node.input) < 2 or not step.node.output:
-        return None
-    ids = step.node.input[1]
-    for cast_node, _ in step.view.consumers(step.node.output[0]):
-        if cast_node.op_type != "Cast" or not cast_node.output:
+    for op_node, index, ids in _consumers_of_cast_rows(step):
+        if op_node.op_type not in ("Div", "Mul") or (op_node.op_type == "Div" and index != 0):
             continue
-        for op_node, index in step.view.consumers(cast_node.output[0]):
-            if op_node.op_type not in ("Div", "Mul") or (op_node.op_type == "Div" and index != 0):
-                continue
-            scale = _row_scale(step.view, op_node.input[1 - index], ids)
-            if scale is not None:
-                return {"scheme": "row_scale", "op": op_node.op_type, "scale": scale}
+        scale = _row_scale(step.view, op_node.input[1 - index], ids)
+        if scale is not None:
+            return {"scheme": "row_scale", "op": op_node.op_type, "scale": scale}
     return None
 
 
@@ -269,20 +273,14 @@ def keras_group_affine(step: Step) -> dict[str, Any] | None:
     ``Z`` (int8) and ``S`` (float) are ``[rows, groups]`` constants, each read as
     ``Gather(Gather(P, ids), g_idx, axis=-1)`` with one constant ``g_idx`` (the group of each column).
     """
-    if len(step.node.input) < 2 or not step.node.output:
-        return None
-    ids = step.node.input[1]
-    for cast_node, _ in step.view.consumers(step.node.output[0]):
-        if cast_node.op_type != "Cast" or not cast_node.output:
+    for sub, index, ids in _consumers_of_cast_rows(step):
+        zero = _grouped_param(step.view, sub.input[1], ids) if sub.op_type == "Sub" and index == 0 else None
+        if zero is None or not sub.output:
             continue
-        for sub, index in step.view.consumers(cast_node.output[0]):
-            zero = _grouped_param(step.view, sub.input[1], ids) if sub.op_type == "Sub" and index == 0 else None
-            if zero is None or not sub.output:
-                continue
-            for mul, m_index in step.view.consumers(sub.output[0]):
-                scale = _grouped_param(step.view, mul.input[1 - m_index], ids) if mul.op_type == "Mul" else None
-                if scale is not None and scale[1] == zero[1]:
-                    return {"scheme": "group_affine", "scale": scale[0], "zero_point": zero[0], "g_idx": zero[1]}
+        for mul, m_index in step.view.consumers(sub.output[0]):
+            scale = _grouped_param(step.view, mul.input[1 - m_index], ids) if mul.op_type == "Mul" else None
+            if scale is not None and scale[1] == zero[1]:
+                return {"scheme": "group_affine", "scale": scale[0], "zero_point": zero[0], "g_idx": zero[1]}
     return None
 
 
