@@ -117,8 +117,13 @@ def convert(
     Embedding tables total ``large_threshold`` bytes (default 256 MiB) or the weights exceed 2 GiB.
     """
     check_output_dir(out_dir, force)
+    from converters import keras_large, keras_stream  # noqa: PLC0415 - they import this module
+
+    opened = keras_stream.stream_large(model_or_path, safe_mode=safe_mode, large=large, threshold=large_threshold,
+                                       skeleton_rows=keras_large.SKELETON_ROWS)
+    if opened is not None:
+        return _convert_streamed(*opened, out_dir, force=force, opset=opset, input_signature=input_signature)
     loaded = load(model_or_path, safe_mode=safe_mode)
-    from converters import keras_large  # noqa: PLC0415 - it imports this module
 
     reason = keras_large.large_path_reason(loaded, large, large_threshold)
     if reason is not None:
@@ -136,6 +141,22 @@ def convert(
         onnx_path=store.path / ONNX_FILE, store_path=store.path, store=store, tables=tables,
         summary=conv.summary, warnings=conv.warnings, provenance=conv.provenance, keras_model=conv.keras_model,
     )
+
+
+def _convert_streamed(streamed: Any, reason: str, out_dir: Any, *, force: bool, opset: int | None,
+                      input_signature: Any) -> ConversionResult:
+    """A big ``.keras`` file on the large path without loading its tables (:mod:`converters.keras_stream`)."""
+    from converters import keras_large  # noqa: PLC0415 - it imports this module
+    from converters.keras_stream import build_streamed_skeleton  # noqa: PLC0415 - imports Keras
+
+    try:
+        skeleton, plan = build_streamed_skeleton(streamed, keras_large.SKELETON_ROWS)
+        loaded = LoadedModel(model=skeleton, kind="keras", path=streamed.path)
+        return keras_large.convert_large(loaded, out_dir, signature=_signature(loaded, input_signature),
+                                         force=force, opset=opset, reason=reason, streamed=streamed,
+                                         streamed_plan=plan)
+    finally:
+        streamed.close()
 
 
 def prepare(

@@ -91,6 +91,9 @@ class ShrunkTable:
     dtype: np.dtype[Any]
     skeleton_rows: int
     pattern: np.ndarray = field(repr=False)
+    #: The real table when it is not read from ``layers[0]`` (a ``.keras`` file streamed by
+    #: :mod:`converters.keras_stream`: ``layers`` are then the skeleton's small layers).
+    source: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -459,7 +462,8 @@ def _tables(
         if i in located:
             entry = located[i][1]
             sources = [c for c in candidates if c.primary and any(c.obj is layer for layer in entry.layers)]
-            ref, data = replace(ref, shape=(entry.rows, entry.dim)), table_view(entry.layers[0])
+            data = entry.source if entry.source is not None else table_view(entry.layers[0])
+            ref = replace(ref, shape=(entry.rows, entry.dim))
         else:
             sources = inline_matches[i]
         name = _table_name(ref, sources, taken)
@@ -515,15 +519,23 @@ def convert_large(
     opset: int | None = None,
     skeleton_rows: int = SKELETON_ROWS,
     reason: str = "requested",
+    streamed: Any = None,
+    streamed_plan: list[ShrunkTable] | None = None,
 ) -> ConversionResult:
     """Convert ``loaded`` through a skeleton with small tables; write the store and ``OUT/model.onnx``.
 
     The real tables go to ``OUT/tables/<name>.npy`` and the model reads them from there as ONNX
     external data (location ``tables/<name>.npy``, offset ``data_offset``, length ``nbytes``).
     Nothing appears at ``out_dir`` unless everything was written.
+    ``streamed`` (a :class:`converters.keras_stream.StreamedKeras`) with ``streamed_plan``:
+    ``loaded.model`` is already the skeleton, built from the file's config; the tables are read
+    from the file and the real model is rebuilt (for ``keras_model``) after the store is written.
     """
-    plan = plan_tables(loaded.model, skeleton_rows)
-    skeleton, plan = build_skeleton(loaded.model, plan)
+    if streamed is None:
+        plan = plan_tables(loaded.model, skeleton_rows)
+        skeleton, plan = build_skeleton(loaded.model, plan)
+    else:
+        skeleton, plan = loaded.model, list(streamed_plan or [])
     if not plan:
         raise UnsupportedError(
             f"model {loaded.name!r} has no Embedding table the large-table path can keep outside tf2onnx "
@@ -532,7 +544,7 @@ def convert_large(
         )
     _check_skeleton_size(skeleton, loaded.name)
     onnx_conv = to_onnx(skeleton, signature, opset=opset)
-    warnings = _still_read(skeleton, plan) + list(onnx_conv.warnings)
+    warnings = (_still_read(skeleton, plan) if streamed is None else []) + list(onnx_conv.warnings)
     located = locate_tables(onnx_conv.model, plan)
     patched = {ref.initializer: patch_gathers(onnx_conv.model, ref, entry) for ref, entry in located.values()}
     tables, shrunk = _tables(loaded, onnx_conv.model, located, warnings)
@@ -543,10 +555,17 @@ def convert_large(
                           "wrap_constants_patched": patched[ref.initializer]}
                    for name, (ref, entry) in shrunk.items()},
     }
+    if streamed is not None:
+        provenance["large_tables"]["streamed"] = "tables read from the .keras file, never loaded into Keras"
     store = _write(out_dir, force, onnx_conv.model, tables, shrunk, provenance)
     opened = [store[t.name] for t in tables]
+    keras_model = loaded.model
+    if streamed is not None:
+        del tables, shrunk, plan, located
+        streamed.release()
+        keras_model = streamed.full_model()
     return ConversionResult(
         onnx_path=store.path / ONNX_FILE, store_path=store.path, store=store, tables=opened,
         summary=[summary_row(t) for t in opened], warnings=warnings, provenance=provenance,
-        keras_model=loaded.model,
+        keras_model=keras_model,
     )
