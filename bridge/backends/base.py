@@ -5,8 +5,20 @@ split): ``_setup(threads)`` binds the framework to ``table.data`` without copyin
 ``_gather(ids, out)`` copies rows into a C-contiguous NumPy buffer. ``_gather`` is only ever called with
 int64 or int32 ids that are all in ``[0, rows)``, at least one of them, and ``out`` of shape
 ``ids.shape + (dim,)`` and the table's served dtype; ``_wrap(out)`` turns that buffer into the framework's own
-type without a copy (for :meth:`Lookup.native`). The framework is imported inside ``_setup``
-(:func:`require`), so importing an adapter module is free.
+type without a copy (for :meth:`Lookup.native`). ``_fresh(ids)`` (same contract) returns a new array
+of those rows; the default allocates one and calls ``_gather``, a backend overrides it where it has a
+cheaper way. The framework is imported inside ``_setup`` (:func:`require`), so importing an adapter
+module is free.
+
+Per-call cost: the serving call, a few valid int32/int64 ids as an ndarray, skips :func:`as_ids` and
+the policy; :meth:`IndexPolicy.fits` recognizes it in about 0.2 us, and anything else takes the general
+path, so results and errors are those of the general path. At one id (10,000 x 64 float32 table, this
+2-core machine) ``lookup(ids)`` costs about 1.1 us on numpy, 3.2 us on torch and 4.8 us on onnxruntime,
+against 1.4 us for ``np.take(out=, mode="clip")``, 2.4 us for ``torch.index_select(out=)`` and 2.6 us
+for onnxruntime's ``run_with_ortvaluevector``. Without ``out=`` a large batch pays for its new output:
+the kernel zeroes every fresh page on first touch, so the call costs 1.4-4x one into a reused buffer
+(1M ids x 256 float32: 0.31-0.37 s instead of 0.23-0.25 s). Callers serving large batches should pass a
+reused ``out=``; with it every backend runs at its framework's own speed.
 
 A quantized table (``table.quantization`` set) is served as dequantized vectors of
 ``table.served_dtype``: each backend gathers the integer rows and the scale (and zero point) rows and
@@ -78,6 +90,11 @@ def contiguous_data(table: EmbeddingTable, backend: str) -> np.ndarray:
     return np.ascontiguousarray(data)
 
 
+def _never(ids: Any) -> bool:
+    """Stands in for :meth:`IndexPolicy.fits` where nothing can be gathered."""
+    return False
+
+
 class ThreadBuffers(Generic[T]):
     """Per-thread buffers built once per ids shape by ``build(shape)`` and reused by later calls.
 
@@ -132,6 +149,9 @@ class Lookup(ABC):
         self.dtype: np.dtype[Any] = self.table.served_dtype
         self._tail = (self.table.dim,)
         self._gatherable = self.table.rows > 0 and self.table.dim > 0
+        # ids gatherable as they are (see IndexPolicy.fits); a table without rows or columns has nothing
+        # to gather, so all its calls take the general path
+        self._fits = self.index_policy.fits if self._gatherable else _never
         self._setup(threads)
 
     @property
@@ -146,13 +166,14 @@ class Lookup(ABC):
 
     def __call__(self, ids: Any, out: np.ndarray | None = None) -> np.ndarray:
         """Look up ``ids``; write into ``out`` (C-contiguous, right shape and dtype) and return it if given."""
+        if self._fits(ids):  # a few valid int32/int64 ids, the serving call: no conversion, no policy
+            if out is None:
+                return self._fresh(ids)
+            self._check_out(out, ids.shape)
+            self._gather(ids, out)
+            return out
         safe, zero = self.index_policy.apply(as_ids(ids))
-        if out is None:
-            out = np.empty(safe.shape + self._tail, self.dtype)
-        else:
-            self._check_out(out, safe.shape)
-        if safe.size and self._gatherable:
-            self._gather(safe, out)
+        out = self._output(safe, out)
         if zero is not None:
             out[zero] = 0
         return out
@@ -182,6 +203,16 @@ class Lookup(ABC):
         else:
             ids = vocab.ids(tokens)
         return self(ids, out=out)
+
+    def _output(self, safe: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+        """``out`` (checked) or a new array, filled with rows ``safe`` unless there is nothing to gather."""
+        gather = safe.size and self._gatherable
+        if out is None:
+            return self._fresh(safe) if gather else np.empty(safe.shape + self._tail, self.dtype)
+        self._check_out(out, safe.shape)
+        if gather:
+            self._gather(safe, out)
+        return out
 
     def _check_out(self, out: np.ndarray, shape: tuple[int, ...]) -> None:
         want = shape + self._tail
@@ -213,6 +244,12 @@ class Lookup(ABC):
     @abstractmethod
     def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
         """Copy rows ``ids`` (int64/int32, all valid, non-empty) into ``out`` (``ids.shape + (dim,)``)."""
+
+    def _fresh(self, ids: np.ndarray) -> np.ndarray:
+        """A new output holding rows ``ids`` (same contract as :meth:`_gather`); backends may do it faster."""
+        out = np.empty(ids.shape + self._tail, self.dtype)
+        self._gather(ids, out)
+        return out
 
     def _wrap(self, out: np.ndarray) -> Any:
         """The framework's own view of an output buffer (no copy); NumPy returns it unchanged."""

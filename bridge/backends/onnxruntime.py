@@ -6,11 +6,19 @@ read-only memory map) without a copy. That OrtValue must outlive the session, or
 runs read freed memory: the lookup keeps it in ``self._table_value`` next to ``self.session``.
 
 Each call runs ``run_with_ortvaluevector`` with OrtValues bound to NumPy buffers, so onnxruntime writes
-straight into the output (``session.run`` allocates and costs 7.5 us at batch 1). Large batches bind the
-caller's ids and output directly. Small batches (at most ``SMALL_BYTES`` of output) reuse per-thread
-buffers whose OrtValues are built once per ids shape (:class:`~bridge.backends.base.ThreadBuffers`):
-wrapping two arrays as OrtValues costs more than copying a few rows in and out. onnxruntime's CPU Gather
-serves bfloat16; its OrtValues are built over the uint16 bit pattern with
+straight into the output (``session.run`` allocates and costs 7.5 us at batch 1). The lookup binds the
+session's own ``_sess.run_with_ortvaluevector``: ``InferenceSession``'s wrapper only adds a WebGPU
+graph-capture check, which a CPU session never needs, and costs 0.4 us a call; the start-up self-check
+(:meth:`OnnxruntimeLookup._probe`) still proves that onnxruntime writes into the bound buffers. Large
+batches bind the caller's ids and output directly; without ``out=`` that output is new on every call,
+and its fresh pages cost about as much as the gather itself (pass a reused ``out=`` for large batches).
+Small batches (at most ``SMALL_BYTES`` of output) reuse per-thread buffers whose OrtValues are built
+once per ids shape (:class:`~bridge.backends.base.ThreadBuffers`): wrapping two arrays as OrtValues
+costs more than copying a few rows in and out; without ``out=`` the result is a copy of the staged
+rows. Sessions run ``threads`` intra-op threads, which keep spinning a while after each run (see
+:func:`_options`).
+
+onnxruntime's CPU Gather serves bfloat16; its OrtValues are built over the uint16 bit pattern with
 ``ortvalue_from_numpy_with_onnx_type``. A quantized table runs the dequantizing graph of
 :mod:`bridge.backends.ort_dequant` instead of the one-node Gather, through the same fast path.
 """
@@ -56,6 +64,22 @@ def gather_model(elem_type: int, dim: int, itemsize: int) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
+def _options(ort: Any, threads: int) -> Any:
+    """Session options of both graphs: ``threads`` intra-op threads, one inter-op thread, quiet logs.
+
+    The intra-op pool keeps onnxruntime's default, spinning: with ``threads`` > 1 its threads spin for
+    30-60 ms after each run, holding the second core. Making them sleep instead
+    (``session.intra_op.allow_spinning`` = 0, or ``session.force_spinning_stop``) was measured here
+    (2 threads, 10,000 x 64 table) and costs latency on every call: 1,024 ids 47 us instead of 28 us,
+    65,536 ids 1.3-1.7x the spinning time, so it is not set. One thread (the default) has no pool.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
+
+
 class OnnxruntimeLookup(Lookup):
     """Gathers with an onnxruntime session (CPU, ``threads`` intra-op threads) into the output buffer."""
 
@@ -97,10 +121,7 @@ class OnnxruntimeLookup(Lookup):
         quant = self.table.quantization
         assert quant is not None
         model, arrays = dequant_model(quant, contiguous_data(self.table, self.backend))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options = _options(ort, threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self._param_values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
         for name, value in zip(arrays, self._param_values):  # the OrtValues must outlive the session
@@ -114,10 +135,7 @@ class OnnxruntimeLookup(Lookup):
             ) from exc
 
     def _session_options(self, ort: Any, threads: int) -> Any:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
+        options = _options(ort, threads)
         options.add_initializer(TABLE, self._table_value)
         return options
 
@@ -129,7 +147,8 @@ class OnnxruntimeLookup(Lookup):
         self._devices = [device]
         self._feed_names, self._fetch_names = [IDS], [VECTORS]
         self._run_options = ort.RunOptions()  # read-only during runs: shared by all calls and threads
-        self._run = self.session.run_with_ortvaluevector
+        # the session's own method; InferenceSession's wrapper adds a WebGPU graph-capture check (0.4 us)
+        self._run = getattr(self.session, "_sess", self.session).run_with_ortvaluevector
         self._ort_value = ort.OrtValue
         self._ort_version = ort.__version__
         self._staging = ThreadBuffers(self._bind)
@@ -169,15 +188,26 @@ class OnnxruntimeLookup(Lookup):
         self._run(self._run_options, self._feed_names, feeds, self._fetch_names, fetches, self._devices)
 
     def _gather_small(self, ids: np.ndarray, out: np.ndarray) -> None:
+        (out if self._same else out.view(self._carrier))[...] = self._stage(ids)
+
+    def _fresh(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size * self._row_bytes > SMALL_BYTES:
+            return super()._fresh(ids)
+        rows = self._stage(ids).copy()  # one copy of the staged rows beats np.empty plus an assignment
+        return rows if self._same else rows.view(self.dtype)
+
+    def _stage(self, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids`` into this thread's staging buffer for their shape; return it (reused: copy it out)."""
         ids_buf, out_buf, feeds, fetches = self._staging.get(ids.shape)
         ids_buf[...] = ids
         self._run(self._run_options, self._feed_names, feeds, self._fetch_names, fetches, self._devices)
-        (out if self._same else out.view(self._carrier))[...] = out_buf
+        return out_buf
 
     def _bind(self, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, Any, Any]:
         """Staging buffers for ``shape`` and the OrtValues over them (kept together: they share memory)."""
         ids_buf = np.zeros(shape, np.int64)
         out_buf = np.empty(shape + (self.table.dim,), self._carrier)
+        out_buf.view(np.uint8)[...] = 0xA5  # not zeros: the start-up probe must see onnxruntime write row 0
         feeds = self._vector()
         feeds.push_back(self._value(ids_buf, _INT64))
         fetches = self._vector()

@@ -396,3 +396,148 @@ def test_no_copy_of_a_memory_mapped_table(tmp_path: Path) -> None:
     assert report["same"]
     assert report["created"] < 0.25 * report["table"], report
     assert report["used"] < 0.25 * report["table"], report
+
+
+# --- the small-batch fast path (IndexPolicy.fits, Lookup._fresh) gives what the general path gives ----------
+
+SMALL_SHAPES = {"0d": (), "1": (1,), "1x1": (1, 1), "2": (2,), "16": (16,), "17": (17,)}
+EDGE_IDS = [0, ROWS - 1, ROWS, -1, -ROWS, -ROWS - 1]
+
+
+@pytest.mark.parametrize("value", EDGE_IDS)
+@pytest.mark.parametrize("shape", list(SMALL_SHAPES.values()), ids=list(SMALL_SHAPES))
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_small_batches_follow_policy_at_the_edges(
+    backend: str, policy: str, id_dtype: type, shape: tuple, value: int
+) -> None:
+    """One id, or a few with ``value`` last, as int32/int64 arrays, a list and int16: all alike, per policy."""
+    ids = np.full(shape, 7, id_dtype)
+    ids.reshape(-1)[-1] = value
+    lookup = cached_lookup(backend, "bfloat16", policy)
+    if (policy == "error" and not 0 <= value < ROWS) or (policy == "wrap" and not -ROWS <= value < ROWS):
+        position = tuple(int(i) for i in np.unravel_index(ids.size - 1, shape))
+        for form in (ids, ids.tolist(), ids.astype(np.int16)):
+            with pytest.raises(IdError, match=re.escape(f"id {value} at position {position!r}")):
+                lookup(form)
+        return
+    want = expected_vectors(table("bfloat16").data, policy, ids)
+    for form in (ids, ids.tolist(), ids.astype(np.int16)):
+        assert_bitwise(lookup(form), want)
+    out = np.empty(want.shape, want.dtype)
+    out.view(np.uint8)[...] = 0xA5
+    assert lookup(ids, out=out) is out
+    assert_bitwise(out, want)
+
+
+@pytest.mark.parametrize(
+    "dtype", [np.float64, np.float32, np.float16, ml_dtypes.bfloat16, np.int8, np.uint8, np.int16, np.int32, np.int64]
+)
+def test_one_id_in_any_shape_on_every_table_dtype(backend: str, dtype: type) -> None:
+    """One id is the serving call, with a path of its own (torch copies the row with narrow_copy)."""
+    data = make_data(np.dtype(dtype))
+    lookup = backends.lookup(EmbeddingTable("t", data), backend)
+    for ids in (np.array(ROWS - 1), np.array([0]), np.array([[ROWS - 1]], np.int32), np.array([5], np.uint8)):
+        want = np.take(data, ids.astype(np.int64), axis=0)
+        assert_bitwise(lookup(ids), want)
+        out = np.empty(want.shape, want.dtype)
+        assert lookup(ids, out=out) is out
+        assert_bitwise(out, want)
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [np.array(1.0), np.array([1.0], np.float32), np.array(True), np.array([True]), np.array([1], object)],
+    ids=["0d-float", "float32", "0d-bool", "bool", "object"],
+)
+def test_small_non_integer_arrays_raise_id_error(backend: str, ids: np.ndarray) -> None:
+    with pytest.raises(IdError, match="dtype"):
+        cached_lookup(backend, "float32", "clip")(ids)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_small_uint64_beyond_int64_and_big_endian_ids(backend: str, policy: str) -> None:
+    """Ids the fast path leaves alone: 2**64 - 1 must not wrap to the last row; big-endian ids are read right."""
+    lookup = cached_lookup(backend, "float32", policy)
+    data = table("float32").data
+    huge = np.array([2**64 - 1], np.uint64)
+    if policy in ("error", "wrap"):
+        with pytest.raises(IdError, match=re.escape(f"id {2**64 - 1} at position (0,)")):
+            lookup(huge)
+    else:
+        assert_bitwise(lookup(huge), expected_vectors(data, policy, np.array([ROWS + 1])))
+    assert_bitwise(lookup(np.array([3], ">i8")), data[[3]])
+    assert_bitwise(lookup(np.array(ROWS - 1, ">i4")), data[ROWS - 1])
+
+
+@pytest.mark.parametrize("dtype_name", list(TABLE_DTYPES))
+def test_small_results_are_new_arrays(backend: str, dtype_name: str) -> None:
+    """Small batches go through reused per-thread buffers: each result must still be its own array."""
+    lookup = cached_lookup(backend, dtype_name, "error")
+    data = table(dtype_name).data
+    first, second = lookup(np.array([1])), lookup(np.array([2]))
+    assert_bitwise(first, data[[1]])
+    assert_bitwise(second, data[[2]])
+    assert not np.shares_memory(first, second)
+    first[...] = second  # a writable result of its own; the next call is unaffected
+    assert_bitwise(lookup(np.array([1])), data[[1]])
+    assert first.flags.c_contiguous and first.flags.writeable
+
+
+def test_memory_mapped_table_gives_plain_arrays(backend: str, tmp_path: Path) -> None:
+    data = make_data(np.dtype(np.float32))
+    np.save(tmp_path / "t.npy", data)
+    mapped = np.load(tmp_path / "t.npy", mmap_mode="r", allow_pickle=False)
+    lookup = backends.lookup(EmbeddingTable("mapped", mapped), backend)
+    for ids in (np.array(4), np.array([4, 0]), np.arange(ROWS).reshape(2, -1), np.zeros(5000, np.int64)):
+        got = lookup(ids)
+        assert type(got) is np.ndarray
+        assert_bitwise(got, np.take(data, ids, axis=0))
+
+
+def test_thread_safety_small_batches(backend: str) -> None:
+    lookup = cached_lookup(backend, "float16", "error")
+    batches = [np.random.default_rng(s).integers(0, ROWS, size=() if s % 3 == 0 else (s % 5 + 1,)) for s in range(48)]
+    serial = [lookup(ids).tobytes() for ids in batches]
+    results: dict[int, list[bytes]] = {}
+
+    def work(k: int) -> None:
+        results[k] = [lookup(ids).tobytes() for _ in range(20) for ids in batches[k:] + batches[:k]]
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(6):
+        assert results[k] == (serial[k:] + serial[:k]) * 20
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onnxruntime_session_uses_the_thread_count(threads: int) -> None:
+    pytest.importorskip("onnxruntime")
+    lookup = backends.lookup(table("float32"), "onnxruntime", threads=threads)
+    options = lookup.session.get_session_options()  # type: ignore[attr-defined]
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) == (threads, 1)
+    assert_bitwise(lookup(np.arange(ROWS)), table("float32").data)
+
+
+def test_onnxruntime_start_up_probe_checks_both_paths() -> None:
+    """The probe that guards the direct ``_sess.run_with_ortvaluevector`` binding fails a path that writes
+    nothing into its output, also for a table whose row 0 is all zeros (the staging buffers start non-zero)."""
+    pytest.importorskip("onnxruntime")
+    from bridge.backends.onnxruntime import OnnxruntimeLookup
+
+    class SmallWritesNothing(OnnxruntimeLookup):
+        def _stage(self, ids: np.ndarray) -> np.ndarray:
+            return self._staging.get(ids.shape)[1]  # the staging output, not run
+
+    class LargeWritesNothing(OnnxruntimeLookup):
+        def _gather_large(self, ids: np.ndarray, out: np.ndarray) -> None:
+            pass
+
+    zeros = np.zeros((ROWS, DIM), np.float32)
+    for broken in (SmallWritesNothing, LargeWritesNothing):
+        with pytest.raises(BackendError, match="did not write row 0"):
+            broken(zeros)
+    assert_bitwise(OnnxruntimeLookup(zeros)(np.array([3])), zeros[[3]])

@@ -162,3 +162,73 @@ def test_as_ids_refuses_non_integers_naming_dtype_and_fix(ids: object, words: li
         as_ids(ids)
     for word in words:
         assert word in str(info.value)
+
+
+# --- IndexPolicy.fits: the small-batch check the backends run before as_ids and apply ------------------------
+
+
+class IdArray(np.ndarray):
+    """An ndarray subclass: apply() accepts it, fits() leaves it to the general path."""
+
+
+FITS = {
+    "0d": np.array(3),
+    "0d-int32": np.array(9, np.int32),
+    "one": np.array([0]),
+    "1x1": np.array([[9]]),
+    "two": np.array([9, 0], np.int32),
+    "sixteen": np.arange(16) % ROWS,
+    "strided": (np.arange(8) % ROWS)[::-2],
+}
+DOES_NOT_FIT = {
+    "seventeen": np.arange(17) % ROWS,
+    "empty": np.array([], np.int64),
+    "2-D": np.array([[1, 2]]),
+    "uint64": np.array([3], np.uint64),
+    "int16": np.array([3], np.int16),
+    "big-endian": np.array([3], ">i8"),
+    "float": np.array([3.0]),
+    "bool": np.array([True]),
+    "rows": np.array([ROWS]),
+    "negative": np.array(-1, np.int32),
+    "one bad of sixteen": np.append(np.arange(15) % ROWS, -1),
+    "int64 min": np.array([-(2**63), 1]),
+    "int64 max": np.array([2**63 - 1]),
+    "subclass": np.array([3]).view(IdArray),
+    "list": [3],
+    "int": 3,
+}
+
+
+@pytest.mark.parametrize("ids", list(FITS.values()), ids=list(FITS))
+@pytest.mark.parametrize("name", POLICIES)
+def test_fits_only_what_apply_returns_unchanged(ids: np.ndarray, name: str) -> None:
+    assert policy(name).fits(ids)
+    safe, zero = policy(name).apply(as_ids(ids))
+    assert safe is ids and zero is None
+
+
+@pytest.mark.parametrize("ids", list(DOES_NOT_FIT.values()), ids=list(DOES_NOT_FIT))
+@pytest.mark.parametrize("name", POLICIES)
+def test_fits_sends_everything_else_to_the_general_path(ids: object, name: str) -> None:
+    assert not policy(name).fits(ids)
+
+
+def test_fits_agrees_with_apply_on_random_small_arrays() -> None:
+    """fits() is exactly "native int32/int64, one id or 2-16 in 1-D, all valid"; then apply() keeps the ids."""
+    rng = np.random.default_rng(7)
+    dtypes = [np.dtype(d) for d in ("i1", "i2", "i4", "i8", "u1", "u8", ">i4", ">i8", "q", "i")]
+    shapes = [(), (0,), (1,), (2,), (5,), (16,), (17,), (1, 1), (2, 2)]
+    fitted = 0
+    for _ in range(2000):
+        dtype, shape = dtypes[rng.integers(len(dtypes))], shapes[rng.integers(len(shapes))]
+        ids = rng.integers(0 if dtype.kind == "u" else -2, ROWS + 2, size=shape).astype(dtype)
+        valid = all(0 <= v < ROWS for v in ids.reshape(-1).tolist())
+        few = ids.size == 1 or (ids.ndim == 1 and 2 <= ids.size <= 16)
+        expected = valid and few and dtype.isnative and dtype.char in "ilq"
+        assert policy("error").fits(ids) == expected, ids
+        if expected:
+            fitted += 1
+            safe, zero = policy("error").apply(as_ids(ids))
+            assert safe is ids and zero is None
+    assert fitted > 100
