@@ -76,7 +76,7 @@ def _flip_table_byte(store: Path) -> None:
 
 def test_open_shared_session_matches_the_originals(shared: tuple[Path, list[Path], list[str]], onnx_kit: Any) -> None:
     store, sources, files = shared
-    for src, name in zip(sources, files):
+    for src, name in zip(sources, files, strict=True):
         session = open_shared_session(store / name)
         assert _same(session.run(None, {"ids": _ids()}), onnx_kit.run_ort(src, {"ids": _ids()}))
     info = check_shared_model(store / files[0])
@@ -95,7 +95,7 @@ def test_shared_sessions_give_one_buffer_to_every_session(shared: tuple[Path, li
     assert len(maps) == 1, maps  # numpy's mapping only: onnxruntime did not map or copy the table again
     del sessions
     gc.collect()  # the sessions keep their OrtValues alive
-    for session, src in zip((a, b), sources):
+    for session, src in zip((a, b), sources, strict=True):
         assert _same(session.run(None, {"ids": _ids()}), onnx_kit.run_ort(src, {"ids": _ids()}))
 
 
@@ -189,7 +189,7 @@ def test_cut_models_are_fed_by_the_bridge_and_checked_too(tmp_path: Path, onnx_k
     ids = _ids()
     ids[0, 0] = -1
     outputs = sessions.run_cut(files, {"ids": ids})
-    for src, name in zip(sources, files):
+    for src, name in zip(sources, files, strict=True):
         assert _same(outputs[name], onnx_kit.run_ort(src, {"ids": ids}))
         assert _same(sessions.cut_model(name).run(None, {"ids": ids}), onnx_kit.run_ort(src, {"ids": ids}))
     assert list(sessions._lookups) == [("W", "wrap")]

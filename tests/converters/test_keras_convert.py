@@ -108,7 +108,7 @@ def run_onnx(path: Path, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, feed)))
+    return dict(zip(names, session.run(None, feed), strict=True))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -150,7 +150,7 @@ def test_onnx_model_matches_keras(kmodels: Any, converted: Callable[[str], Conve
         pairs = [(got[k], want[k]) for k in want]
     else:
         assert len(got) == len(want)
-        pairs = list(zip(got.values(), want))
+        pairs = list(zip(got.values(), want, strict=True))
     for onnx_out, keras_out in pairs:
         assert onnx_out.shape == keras_out.shape
         if conv.case.exact:

@@ -95,7 +95,7 @@ def test_saved_model_directory(kmodels: Any, tmp_path: Path) -> None:
     assert got == [("char_emb", "char_emb", "char_emb/embeddings"), ("word_emb", "word_emb", "word_emb/embeddings")]
     assert_tables_equal_layers(result, model)
     feed = {"words": IDS, "chars": np.array([[6, 1]], np.int64)}
-    session_out = dict(zip(["char_vec", "word_vec"], run_onnx(result.onnx_path, feed)))
+    session_out = dict(zip(["char_vec", "word_vec"], run_onnx(result.onnx_path, feed), strict=True))
     want = model(feed)
     for key in ("word_vec", "char_vec"):
         assert np.array_equal(session_out[key], np.asarray(want[key]))

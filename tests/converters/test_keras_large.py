@@ -65,7 +65,7 @@ def run_onnx(path: Path, ids: np.ndarray) -> dict[str, np.ndarray]:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(None, {session.get_inputs()[0].name: ids})))
+    return dict(zip(names, session.run(None, {session.get_inputs()[0].name: ids}), strict=True))
 
 
 def external_of(model_path: Path, initializer: str) -> Any:
@@ -241,7 +241,7 @@ def run_onnx_feed(path: Path, feed: list[np.ndarray]) -> np.ndarray:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {i.name: v for i, v in zip(session.get_inputs(), feed)})[0]
+    return session.run(None, {i.name: v for i, v in zip(session.get_inputs(), feed, strict=True)})[0]
 
 
 def test_sequential_mask_zero_and_string_lookup_vocabulary(keras: Any, tmp_path: Path) -> None:

@@ -68,7 +68,7 @@ def test_table_maps_equal_what_load_model_gives(keras: Any, saved: Path) -> None
             assert streamed.table_array(table).tobytes() == np.asarray(layer.embeddings).tobytes()
         full = streamed.full_model()
         assert [w.path for w in full.weights] == [w.path for w in reference.weights]
-        for got, want in zip(full.weights, reference.weights):
+        for got, want in zip(full.weights, reference.weights, strict=True):
             assert np.asarray(got).tobytes() == np.asarray(want).tobytes(), want.path
     finally:
         streamed.close()
@@ -83,7 +83,7 @@ def test_convert_streams_the_file_and_matches_load_model(keras: Any, saved: Path
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"ids": ids})))
+    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"ids": ids}), strict=True))
     head, tok = (np.asarray(t) for t in reference(ids))
     assert got[reference.output_names[1]].tobytes() == tok.tobytes()
     np.testing.assert_allclose(got[reference.output_names[0]], head, atol=1e-6, rtol=1e-5)

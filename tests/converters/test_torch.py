@@ -47,7 +47,7 @@ def _run_ort(path: Path, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
-    return session.run(None, dict(zip(names, feeds.values())))
+    return session.run(None, dict(zip(names, feeds.values(), strict=True)))
 
 
 # ----------------------------------------------------------------------------- table -> nn.Embedding
@@ -116,7 +116,7 @@ def test_to_torch_embedding_bag(mode: str) -> None:
     bag = to_torch_embedding_bag(table, mode=mode)
     ids, offsets = np.array([1, 2, 4, 5, 5, 22]), np.array([0, 2, 5])
     out = bag(torch.from_numpy(ids), torch.from_numpy(offsets)).numpy()
-    rows = [table.data[ids[a:b]] for a, b in zip(offsets, [*offsets[1:], len(ids)])]
+    rows = [table.data[ids[a:b]] for a, b in zip(offsets, [*offsets[1:], len(ids)], strict=True)]
     expected = np.stack([r.sum(0) if mode == "sum" else r.mean(0) for r in rows])
     np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)  # the bag does arithmetic
     with pytest.raises(InputError, match="mode"):
