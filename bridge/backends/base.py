@@ -33,7 +33,7 @@ import importlib
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -213,6 +213,16 @@ class Lookup(ABC):
         if gather:
             self._gather(safe, out)
         return out
+
+    def _dtype_entry(self, supported: Mapping[str, T]) -> T:
+        """This table's entry in a backend's dtype map; :class:`BackendError` listing the supported dtypes."""
+        name = str(self.dtype)
+        if name not in supported:
+            raise BackendError(
+                f"table {self.table.name!r} has dtype {name}, which the {self.backend} backend does not serve; "
+                f"supported: {', '.join(supported)}"
+            )
+        return supported[name]
 
     def _check_out(self, out: np.ndarray, shape: tuple[int, ...]) -> None:
         want = shape + self._tail

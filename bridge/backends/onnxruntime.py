@@ -89,13 +89,7 @@ class OnnxruntimeLookup(Lookup):
 
     def _setup(self, threads: int) -> None:
         ort = require("onnxruntime", backend=self.backend, extra=self.extra)
-        name = str(self.dtype)
-        if name not in _DTYPES:
-            raise BackendError(
-                f"table {self.table.name!r} has dtype {name}, which the onnxruntime backend does not serve; "
-                f"supported: {', '.join(_DTYPES)}"
-            )
-        elem, carrier = _DTYPES[name]
+        elem, carrier = self._dtype_entry(_DTYPES)
         self._elem = int(elem)  # of the output (the table itself, unless it is quantized)
         self._carrier = np.dtype(carrier)
         self._same = self._carrier == self.dtype

@@ -34,7 +34,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from bridge.backends.base import SMALL_BYTES, Lookup, ThreadBuffers, contiguous_data, require
-from bridge.errors import BackendError
 
 # table dtype name -> (dtype torch reads from NumPy, torch dtype name of the result)
 _DTYPES: dict[str, tuple[str, str]] = {
@@ -71,13 +70,7 @@ class TorchLookup(Lookup):
 
     def _setup(self, threads: int) -> None:
         torch = require("torch", backend=self.backend, extra=self.extra)
-        name = str(self.dtype)
-        if name not in _DTYPES:
-            raise BackendError(
-                f"table {self.table.name!r} has dtype {name}, which the torch backend does not serve; "
-                f"supported: {', '.join(_DTYPES)}"
-            )
-        carrier, native = _DTYPES[name]
+        carrier, native = self._dtype_entry(_DTYPES)
         self._carrier = np.dtype(carrier)
         self._same = self._carrier == self.dtype
         self._native_dtype = getattr(torch, native)
