@@ -13,6 +13,9 @@ FULL_BATCHES: tuple[int, ...] = tuple(4**k for k in range(11))
 #: Batch sizes of ``--quick``.
 QUICK_BATCHES: tuple[int, ...] = (1, 64, 4096, 65536)
 DISTRIBUTIONS: tuple[str, ...] = ("uniform", "zipf")
+#: From this batch size on, each adapter writing into ``out=`` is also timed in pairs against the fastest
+#: raw call of its framework (the large-batch target).
+PAIRED_MIN_BATCH = 65_536
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,10 @@ class BenchConfig:
     ``inner`` calls (chosen so a sample lasts about ``sample_s``); ``repeats`` samples per variant and cell,
     fewer (but at least ``min_repeats``) where a variant would spend more than ``variant_budget_s`` on one
     cell. Variants are visited round-robin, one sample each per round.
+
+    Cells of at least ``paired_min_batch`` ids then time each ``out=`` adapter against the fastest raw call
+    of its framework in ``pairs`` adjacent pairs of samples (fewer, but at least ``min_pairs``, where that
+    would take more than ``variant_budget_s``); see :func:`benchmarks.harness.paired`.
     """
 
     mode: str = "full"
@@ -57,6 +64,9 @@ class BenchConfig:
     sample_s: float = 0.01
     warmup_s: float = 0.05
     variant_budget_s: float = 3.0
+    pairs: int = 15
+    min_pairs: int = 5
+    paired_min_batch: int = PAIRED_MIN_BATCH
     seed: int = 0
     tensorflow: bool = True
     gensim: bool = True
@@ -79,6 +89,8 @@ class BenchConfig:
             raise InputError(f"batch sizes must be >= 1, got {list(self.batches)}")
         if self.repeats < 1 or self.min_repeats < 1:
             raise InputError("repeats and min_repeats must be >= 1")
+        if self.pairs < 1 or self.min_pairs < 1:
+            raise InputError("pairs and min_pairs must be >= 1")
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -100,7 +112,8 @@ def quick_config(*, large: bool = False, **changes: Any) -> BenchConfig:
     tables = (SMALL, MEDIUM, LARGE) if large else (SMALL, MEDIUM)
     base = BenchConfig(
         mode="quick", tables=tables, batches=QUICK_BATCHES, repeats=4, min_repeats=3, sample_s=0.003,
-        warmup_s=0.01, variant_budget_s=0.3, keras_max_batch=256, gensim_max_batch=4096, token_repeats=2,
+        warmup_s=0.01, variant_budget_s=0.3, pairs=7, min_pairs=3, keras_max_batch=256, gensim_max_batch=4096,
+        token_repeats=2,
     )
     return replace(base, **changes)
 

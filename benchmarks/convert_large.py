@@ -160,8 +160,8 @@ def child_memory(args: argparse.Namespace) -> dict[str, Any]:
     """Build in this process, convert the in-memory model, compare with onnxruntime."""
     t0 = time.perf_counter()
     model = build_model(args.rows, args.dim, args.seed, args.fill)
-    built = {"fill": args.fill, "build_s": round(time.perf_counter() - t0, 2), "build_peak_rss_bytes": proc_status("VmHWM"),
-             "model_rss_bytes": proc_status("VmRSS")}
+    built = {"fill": args.fill, "build_s": round(time.perf_counter() - t0, 2),
+             "build_peak_rss_bytes": proc_status("VmHWM"), "model_rss_bytes": proc_status("VmRSS")}
     conv = _convert(model, Path(args.workdir) / "store-memory")
     conv.pop("result")
     return {**built, **conv, **onnx_vs_keras(model, Path(args.workdir) / "store-memory" / "model.onnx", args.rows)}

@@ -170,6 +170,54 @@ def round_robin(
     return {name: summarize(times[name], plans[name][0]) for name in names}
 
 
+@dataclass(frozen=True)
+class PairStats:
+    """``a`` against ``b`` timed in adjacent pairs: the median and quartiles of the per-pair ratios ``a / b``.
+
+    ``cpu_ratio`` is the median of the per-pair ratios of process CPU time; ``a_median`` and ``b_median``
+    are the medians of the two variants' own samples.
+    """
+
+    ratio: float
+    q1: float
+    q3: float
+    cpu_ratio: float
+    a_median: float
+    b_median: float
+    pairs: int
+    inner: int
+
+
+def paired(a: Bound, b: Bound, inner: int, pairs: int) -> PairStats:
+    """Time ``a`` and ``b`` back to back ``pairs`` times, ``a`` first in even pairs and ``b`` first in odd.
+
+    A ratio of two medians taken across a long round-robin mixes in whatever the machine did between the
+    two samples (another variant's cache footprint, a neighbour's burst); a ratio taken within one pair of
+    adjacent samples of equal length does not, and alternating the order cancels a first-or-second bias.
+    """
+    samples: list[tuple[tuple[float, float], tuple[float, float]]] = []
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(pairs):
+            got = {}
+            for name, bound in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
+                got[name] = time_sample(bound, inner)
+                if bound.settle:
+                    settle()
+            samples.append((got["a"], got["b"]))
+    finally:
+        if was_enabled:
+            gc.enable()
+    ratios = [sa[0] / sb[0] for sa, sb in samples]
+    cpu_ratios = [sa[1] / max(sb[1], 1e-12) for sa, sb in samples]
+    q1, med, q3 = np.percentile(ratios, [25, 50, 75])
+    return PairStats(float(med), float(q1), float(q3), float(np.median(cpu_ratios)),
+                     float(np.median([sa[0] for sa, _ in samples])), float(np.median([sb[0] for _, sb in samples])),
+                     pairs, inner)
+
+
 def loop_overhead(calls: int = 200_000) -> float:
     """Seconds the timing loop itself adds per call (timing a call of a C no-op)."""
     noop = Bound(call=int)

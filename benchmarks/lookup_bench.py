@@ -12,7 +12,7 @@ import numpy as np
 
 from benchmarks.config import BenchConfig, TableSpec
 from benchmarks.data import make_ids, make_store_table
-from benchmarks.harness import Bound, calibrate, plan_samples, round_robin
+from benchmarks.harness import Bound, Limits, Stats, calibrate, paired, plan_samples, round_robin
 from benchmarks.machine import CpuMonitor
 from benchmarks.variants import Binder, Cell, TableContext, Variant
 
@@ -22,8 +22,8 @@ class MismatchError(Exception):
 
 
 def run_lookups(cfg: BenchConfig, variants: list[Variant], tmp: Path, progress: Any) -> dict[str, Any]:
-    """Run every cell; returns ``{"results", "errors", "skipped", "tables"}`` for the JSON document."""
-    found: dict[str, list[Any]] = {"results": [], "errors": [], "skipped": [], "tables": []}
+    """Run every cell; returns ``{"results", "pairs", "errors", "skipped", "tables"}`` for the JSON document."""
+    found: dict[str, list[Any]] = {"results": [], "pairs": [], "errors": [], "skipped": [], "tables": []}
     rng = np.random.default_rng(cfg.seed)
     for number, spec in enumerate(cfg.tables):
         monitor = CpuMonitor()
@@ -37,7 +37,9 @@ def run_lookups(cfg: BenchConfig, variants: list[Variant], tmp: Path, progress: 
             for batch in cfg.batches:
                 progress.set_description(f"{spec.name} {dist} batch {batch:,}")
                 ids = make_ids(spec.rows, batch, dist, rng, cfg.zipf_s)
-                found["results"] += run_cell(cfg, ctx, binders, variants, dist, ids, found["errors"])
+                results, pairs = run_cell(cfg, ctx, binders, variants, dist, ids, found["errors"])
+                found["results"] += results
+                found["pairs"] += pairs
                 progress.update(1)
         found["tables"].append({"name": spec.name, "rows": spec.rows, "dim": spec.dim, "dtype": spec.dtype,
                                 "bytes": spec.nbytes, "setup_s": round(setup_s, 3), "cpu": monitor.report()})
@@ -59,8 +61,13 @@ def _make_binders(ctx: TableContext, variants: list[Variant], skipped: list[dict
 
 
 def run_cell(cfg: BenchConfig, ctx: TableContext, binders: dict[str, Binder], variants: list[Variant],
-             distribution: str, ids: np.ndarray, errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Bind, check and calibrate every eligible variant on one cell, then time them round-robin."""
+             distribution: str, ids: np.ndarray,
+             errors: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Bind, check and calibrate every eligible variant on one cell, then time them round-robin.
+
+    Returns the cell's result rows and, at ``cfg.paired_min_batch`` ids or more, its paired rows
+    (:func:`run_pairs`).
+    """
     batch = int(ids.shape[0])
     out = np.zeros((batch, ctx.spec.dim), np.float32)
     cell = Cell(ids=ids, out=out)
@@ -87,7 +94,35 @@ def run_cell(cfg: BenchConfig, ctx: TableContext, binders: dict[str, Binder], va
     del reference
     stats = round_robin(bounds, plans)
     nbytes = batch * ctx.spec.dim * 4
-    return [{"variant": name, **where, **s.to_json(), "bytes_out": nbytes} for name, s in stats.items()]
+    results = [{"variant": name, **where, **s.to_json(), "bytes_out": nbytes} for name, s in stats.items()]
+    pairs = run_pairs(cfg, variants, bounds, plans, stats) if batch >= cfg.paired_min_batch else []
+    return results, [{**p, **where} for p in pairs]
+
+
+def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound],
+              plans: dict[str, tuple[int, int]], stats: dict[str, Stats]) -> list[dict[str, Any]]:
+    """Each ``out=`` adapter against the fastest (round-robin median) raw call of its framework and thread count.
+
+    Both run with the raw call's ``inner``, in adjacent pairs of samples (:func:`benchmarks.harness.paired`).
+    """
+    rows = []
+    for adapter in variants:
+        if adapter.kind != "adapter" or adapter.form != "out" or adapter.name not in bounds:
+            continue
+        peers = [v.name for v in variants if v.kind == "raw" and v.framework == adapter.framework
+                 and (v.threads or 1) == adapter.threads and v.name in stats]
+        if not peers:
+            continue
+        raw = min(peers, key=lambda name: stats[name].median)
+        inner = plans[raw][0]
+        estimate = stats[adapter.name].median + stats[raw].median  # one pair
+        count = plan_samples(estimate, inner, repeats=cfg.pairs, min_repeats=cfg.min_pairs,
+                             budget_s=cfg.variant_budget_s, limit=Limits())
+        p = paired(bounds[adapter.name], bounds[raw], inner, count)
+        rows.append({"adapter": adapter.name, "raw": raw, "ratio": p.ratio, "ratio_q1": p.q1, "ratio_q3": p.q3,
+                     "cpu_ratio": p.cpu_ratio, "adapter_median_s": p.a_median, "raw_median_s": p.b_median,
+                     "pairs": p.pairs, "inner": p.inner})
+    return rows
 
 
 def check(bound: Bound, cell: Cell, reference: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""The JSON document (schema ``embridge-bench/1``), its validation, and the Markdown report.
+"""The JSON document (schema ``embridge-bench/2``), its validation, and the Markdown report.
 
 The schema is documented field by field in ``benchmarks/README.md``; :func:`validate` checks a document
 against the same description (:data:`FIELDS`) and returns a list of problems (empty when it conforms).
@@ -23,8 +23,8 @@ STATS = {"median_s": NUM, "q1_s": NUM, "q3_s": NUM, "iqr_s": NUM, "min_s": NUM, 
 FIELDS: dict[str, dict[str, Any]] = {
     "document": {"schema": str, "created": str, "duration_s": NUM, "mode": str, "command": OPT_STR,
                  "config": dict, "machine": "machine", "cpu": "cpu", "variants": "list:variant",
-                 "tables": "list:table", "results": "list:result", "errors": list, "skipped": list,
-                 "tokens": "tokens?", "targets": "list:target"},
+                 "tables": "list:table", "results": "list:result", "pairs": "list:pair", "errors": list,
+                 "skipped": list, "tokens": "tokens?", "targets": "list:target"},
     "machine": {"platform": str, "python": str, "cpu_model": OPT_STR, "cpu_count": OPT_INT, "versions": dict,
                 "timer": dict},
     "cpu": {"wall_s": NUM, "load_average_start": (list, type(None)), "load_average_end": (list, type(None)),
@@ -34,6 +34,9 @@ FIELDS: dict[str, dict[str, Any]] = {
     "table": {"name": str, "rows": int, "dim": int, "dtype": str, "bytes": int, "setup_s": NUM, "cpu": "cpu"},
     "result": {"variant": str, "table": str, "distribution": str, "batch": int, **STATS, "bytes_out": int,
                "gb_per_s": NUM, "vs_np_take": OPT_NUM, "of_copy": OPT_NUM},
+    "pair": {"adapter": str, "raw": str, "table": str, "distribution": str, "batch": int, "ratio": NUM,
+             "ratio_q1": NUM, "ratio_q3": NUM, "cpu_ratio": NUM, "adapter_median_s": NUM, "raw_median_s": NUM,
+             "pairs": int, "inner": int},
     "tokens": {"tokens": int, "vocab": int, "dim": int, "distribution": str, "results": "list:token_result",
                "skipped": list, "errors": list},
     "token_result": {"variant": str, **STATS, "per_token_s": NUM, "speedup_vs_gensim": OPT_NUM},
@@ -72,6 +75,10 @@ def validate(doc: Any) -> list[str]:
     for i, r in enumerate(doc["results"]):
         if r["variant"] not in names or r["table"] not in tables:
             problems.append(f"$.results[{i}] names an unknown variant or table ({r['variant']}, {r['table']})")
+    for i, p in enumerate(doc["pairs"]):
+        if p["adapter"] not in names or p["raw"] not in names or p["table"] not in tables:
+            names_used = f"{p['adapter']}, {p['raw']}, {p['table']}"
+            problems.append(f"$.pairs[{i}] names an unknown variant or table ({names_used})")
     return problems
 
 
@@ -126,6 +133,11 @@ def to_markdown(doc: dict[str, Any]) -> str:
     """The whole report: run summary, targets, token lookups, then one latency table per table x distribution."""
     parts = [f"# Lookup benchmark ({doc['mode']} mode)", "", summary_lines(doc), "", "## Targets", "",
              targets_table(doc["targets"])]
+    if doc["pairs"]:
+        parts += ["", "## Adapters against the fastest raw call of their framework, paired", "",
+                  "Each `out=` adapter and its framework's fastest raw call (same threads, same cell) timed in "
+                  "adjacent pairs of samples, which goes first alternating; the ratio is the median of the "
+                  "per-pair ratios (quartiles in brackets).", "", pairs_table(doc["pairs"])]
     if doc.get("tokens"):
         parts += ["", f"## Token lookups ({doc['tokens']['tokens']:,} Zipf tokens, vocabulary "
                   f"{doc['tokens']['vocab']:,}, dim {doc['tokens']['dim']})", "", tokens_table(doc["tokens"])]
@@ -181,6 +193,15 @@ def _value(v: float | None, unit: str) -> str:
     if unit == "fraction":
         return f"{v * 100:.0f}%"
     return f"{v:.2f}x"
+
+
+def pairs_table(pairs: list[dict[str, Any]]) -> str:
+    rows = [[p["adapter"], p["raw"], f"{p['table']}/{p['distribution']}/{p['batch']:,}",
+             f"{p['ratio']:.3f}x ({p['ratio_q1']:.3f}-{p['ratio_q3']:.3f})", f"{p['cpu_ratio']:.3f}x",
+             fmt_time(p["adapter_median_s"]), fmt_time(p["raw_median_s"]), f"{p['pairs']} x {p['inner']}"]
+            for p in pairs]
+    return markdown_table(["adapter", "fastest raw call", "cell", "ratio", "CPU-time ratio", "adapter", "raw",
+                           "pairs x calls"], rows)
 
 
 def tokens_table(tokens: dict[str, Any]) -> str:

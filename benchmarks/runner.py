@@ -54,7 +54,8 @@ def run_benchmark(cfg: BenchConfig, *, command: str | None = None, progress: boo
         "schema": SCHEMA, "created": created, "duration_s": round(time.perf_counter() - started, 2),
         "mode": cfg.mode, "command": command, "config": cfg.to_json(), "machine": machine, "cpu": monitor.report(),
         "variants": [v.to_json() for v in variants], "tables": found["tables"], "results": found["results"],
-        "errors": found["errors"], "skipped": skipped + found["skipped"], "tokens": tokens, "targets": [],
+        "pairs": found["pairs"], "errors": found["errors"], "skipped": skipped + found["skipped"], "tokens": tokens,
+        "targets": [],
     }
     doc["targets"] = evaluate(doc)
     return doc

@@ -3,7 +3,8 @@
 - per-call time at batch 1 (``lookup(ids)``, one thread): numpy <= 3 us, torch <= 5 us, onnxruntime <= 6 us,
   worst over every table and id distribution measured;
 - at batch >= 65,536, each adapter writing into ``out=`` within 1.10x of the fastest raw call of its own
-  framework with the same thread count, in the same cell (worst cell counts);
+  framework with the same thread count, in the same cell (worst cell counts), as the median ratio of
+  adjacent pairs of samples (the ``pairs`` of the document: see :func:`benchmarks.harness.paired`);
 - at 1,048,576 uniform ids on the ``large`` (2 GiB) table, the best adapter >= 40% of single-thread copy
   bandwidth (``memcpy`` time / adapter time);
 - 1M token lookups: every adapter's ``lookup.tokens`` >= 3x faster than gensim ``kv[words]``.
@@ -15,23 +16,23 @@ for the bandwidth target, whose best adapter may use 2 threads).
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
+
+from benchmarks.config import PAIRED_MIN_BATCH
 
 OVERHEAD = (("numpy", "bridge.numpy", 3e-6), ("torch", "bridge.torch@1t", 5e-6),
             ("onnxruntime", "bridge.onnxruntime@1t", 6e-6))
-PARITY_MIN_BATCH = 65_536
 PARITY_MAX_RATIO = 1.10
 BANDWIDTH_TABLE, BANDWIDTH_BATCH, BANDWIDTH_MIN = "large", 1_048_576, 0.40
 TOKENS_MIN_SPEEDUP = 3.0
 
 
 def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """All targets for the document ``doc`` (needs ``results``, ``variants`` and ``tokens``)."""
+    """All targets for the document ``doc`` (needs ``results``, ``pairs``, ``variants`` and ``tokens``)."""
     rows = doc["results"]
     variants = {v["name"]: v for v in doc["variants"]}
     found = [_overhead(rows, backend, name, limit) for backend, name, limit in OVERHEAD]
-    found += _parity(rows, variants)
+    found += _parity(doc["pairs"], variants)
     found.append(_bandwidth(rows, variants))
     found += _tokens(doc.get("tokens"))
     return found
@@ -56,33 +57,21 @@ def _overhead(rows: list[dict[str, Any]], backend: str, variant: str, limit: flo
                    None if worst is None else worst["median_s"], "s", detail, cpu)
 
 
-def _parity(rows: list[dict[str, Any]], variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    by_cell: dict[tuple[str, str, int], dict[str, dict[str, Any]]] = defaultdict(dict)
-    for r in rows:
-        if r["batch"] >= PARITY_MIN_BATCH:
-            by_cell[(r["table"], r["distribution"], r["batch"])][r["variant"]] = r
+def _parity(pairs: list[dict[str, Any]], variants: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Worst paired ratio (adapter / fastest raw call of its framework) over the cells, per ``out=`` adapter."""
     found = []
     for name, v in variants.items():
         if v["kind"] != "adapter" or v["form"] != "out":
             continue
-        peers = [p for p, w in variants.items()
-                 if w["kind"] == "raw" and w["framework"] == v["framework"] and (w["threads"] or 1) == v["threads"]]
-        worst, worst_cpu, where, count = None, None, "", 0
-        for cell, found_rows in sorted(by_cell.items()):
-            raw = [found_rows[p] for p in peers if p in found_rows]
-            if name not in found_rows or not raw:
-                continue
-            count += 1
-            ratio = found_rows[name]["median_s"] / min(r["median_s"] for r in raw)
-            ratio_cpu = found_rows[name]["cpu_median_s"] / min(r["cpu_median_s"] for r in raw)
-            worst_cpu = ratio_cpu if worst_cpu is None else max(worst_cpu, ratio_cpu)
-            if worst is None or ratio > worst:
-                worst, where = ratio, f"{cell[0]}/{cell[1]}/batch {cell[2]:,}"
-        detail = f"worst of {count} cell(s): {where}" if worst is not None else (
-            f"not measured (needs batch >= {PARITY_MIN_BATCH:,}, the adapter and a raw {v['framework']} call)")
+        mine = [p for p in pairs if p["adapter"] == name]
+        worst = max(mine, key=lambda p: p["ratio"], default=None)
+        detail = (f"worst of {len(mine)} cell(s): {worst['table']}/{worst['distribution']}/batch {worst['batch']:,} "
+                  f"against {worst['raw']}" if worst is not None else
+                  f"not measured (needs batch >= {PAIRED_MIN_BATCH:,}, the adapter and a raw {v['framework']} call)")
         found.append(_target(f"large-batch-{name}", f"{name} / fastest raw {v['framework']} call "
-                             f"({v['threads']} thread(s)), batch >= {PARITY_MIN_BATCH:,}", "<=", PARITY_MAX_RATIO,
-                             worst, "x", detail, worst_cpu))
+                             f"({v['threads']} thread(s)), paired, batch >= {PAIRED_MIN_BATCH:,}", "<=",
+                             PARITY_MAX_RATIO, None if worst is None else worst["ratio"], "x", detail,
+                             max((p["cpu_ratio"] for p in mine), default=None)))
     return found
 
 

@@ -12,7 +12,9 @@ Policies:
 How the frameworks differ without a policy (table of 1000 rows): ``-1`` is row 999 in Keras, ONNX and
 ``np.take`` but an error in torch; ``-1001`` is an error everywhere except onnxruntime running a Keras graph
 (row 999); ``np.take`` wraps uint64 ids ``>= 2**63`` silently. The bridge validates ids once, here, so
-every backend only ever gathers ids it knows to be in range.
+every backend only ever gathers ids it knows to be in range. (One exception, with the same results: the
+torch backend lets ``index_select``, which refuses every out-of-range id itself, check large batches of
+int32/int64 ids, and comes here only when it refused one.)
 
 Ids may have any integer dtype and any shape (0-d and empty included); Python ints and nested lists are
 accepted. Floats, bools, strings and objects are refused with an :class:`IdError` that says how to fix them.
@@ -136,7 +138,7 @@ class IndexPolicy:
         shape) or a 1-D array of at most 16: the one-id serving call. A cheap test (about 0.2 us at one id)
         run before :func:`as_ids` and :meth:`apply`; ``False`` means "take the general path", never "invalid".
         """
-        if type(ids) is not _NDARRAY or ids.dtype not in _GATHER_DTYPES:
+        if type(ids) is not _NDARRAY or ids.dtype not in _GATHER_DTYPES:  # gatherable_dtype(), inlined
             return False
         if ids.size == 1:
             return 0 <= ids.item() < self.rows
@@ -194,6 +196,11 @@ class IndexPolicy:
             f"({self.rows} rows; valid ids under policy {self.name!r}: {low}..{self.rows - 1}); "
             "fix the ids or choose another index policy (clip, zero, oov, wrap)"
         )
+
+
+def gatherable_dtype(ids: Any) -> bool:
+    """True if ``ids`` is a plain ndarray of native int32 or int64 ids: what every framework gathers with as is."""
+    return type(ids) is _NDARRAY and ids.dtype in _GATHER_DTYPES
 
 
 def _all_in_range(values: list[int], rows: int) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import pytest
 from benchmarks import SCHEMA
 from benchmarks.config import TableSpec, quick_config
 from benchmarks.data import make_ids
-from benchmarks.harness import Bound, Limits, plan_samples, round_robin
+from benchmarks.harness import Bound, Limits, paired, plan_samples, round_robin
 from benchmarks.report import validate  # noqa: E402
 from benchmarks.runner import run_benchmark, write_outputs  # noqa: E402
 from bridge.errors import InputError  # noqa: E402
@@ -56,7 +57,7 @@ def test_document_matches_the_schema(run: tuple[dict[str, Any], Path, dict[str, 
     doc, _, written = run
     assert validate(doc) == []
     on_disk = json.loads(written["json"].read_text())
-    assert on_disk["schema"] == SCHEMA == "embridge-bench/1"
+    assert on_disk["schema"] == SCHEMA == "embridge-bench/2"
     assert validate(on_disk) == []
     assert on_disk["config"]["tables"][0] == {"name": "tiny", "rows": 500, "dim": 8, "dtype": "float32", "bytes": 16000}
     assert isinstance(on_disk["machine"]["timer"]["loop_overhead_s"], float)
@@ -90,6 +91,48 @@ def test_targets_are_evaluated_or_marked_not_measured(run: tuple[dict[str, Any],
     assert targets["copy-bandwidth-large"]["passed"] is None  # no large table in this run
     assert targets["copy-bandwidth-large"]["value"] is None
     assert isinstance(targets["tokens-bridge.numpy.tokens"]["value"], float)
+
+
+def test_out_adapters_are_paired_with_their_fastest_raw_call(
+        run: tuple[dict[str, Any], Path, dict[str, Path]]) -> None:
+    doc = run[0]
+    variants = {v["name"]: v for v in doc["variants"]}
+    medians = {(r["variant"], r["distribution"], r["batch"]): r["median_s"] for r in doc["results"]}
+    out_adapters = {n for n, v in variants.items() if v["kind"] == "adapter" and v["form"] == "out"}
+    assert {(p["adapter"], p["distribution"]) for p in doc["pairs"]} == {(a, d) for a in out_adapters
+                                                                         for d in ("uniform", "zipf")}
+    for p in doc["pairs"]:
+        assert p["batch"] == 65536  # only from PAIRED_MIN_BATCH on
+        adapter, raw = variants[p["adapter"]], variants[p["raw"]]
+        assert raw["kind"] == "raw" and raw["framework"] == adapter["framework"]
+        assert (raw["threads"] or 1) == adapter["threads"]
+        peers = [n for n, v in variants.items() if v["kind"] == "raw" and v["framework"] == adapter["framework"]
+                 and (v["threads"] or 1) == adapter["threads"] and (n, p["distribution"], 65536) in medians]
+        assert medians[(p["raw"], p["distribution"], 65536)] == min(medians[(n, p["distribution"], 65536)]
+                                                                     for n in peers)
+        assert 0 < p["ratio_q1"] <= p["ratio"] <= p["ratio_q3"]
+        assert 2 <= p["pairs"] <= 7 and p["inner"] >= 1
+    targets = {t["name"]: t for t in doc["targets"]}
+    for name in out_adapters:
+        assert targets[f"large-batch-{name}"]["value"] == max(p["ratio"] for p in doc["pairs"] if p["adapter"] == name)
+    assert "## Adapters against the fastest raw call of their framework, paired" in run[2]["markdown"].read_text()
+
+
+def spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def test_paired_alternates_the_order_and_measures_the_ratio() -> None:
+    entered: list[str] = []
+    a = Bound(call=lambda: spin(400e-6), enter=lambda: entered.append("a"))
+    b = Bound(call=lambda: spin(200e-6), enter=lambda: entered.append("b"))
+    stats = paired(a, b, inner=5, pairs=6)
+    assert entered == ["a", "b", "b", "a"] * 3
+    assert stats.pairs == 6 and stats.inner == 5
+    assert 1.5 < stats.ratio < 2.6 and stats.q1 <= stats.ratio <= stats.q3
+    assert 380e-6 < stats.a_median and 190e-6 < stats.b_median < stats.a_median
 
 
 def test_tokens_section(run: tuple[dict[str, Any], Path, dict[str, Path]]) -> None:

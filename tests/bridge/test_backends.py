@@ -168,6 +168,54 @@ def test_large_batches_and_wide_rows(backend: str, dtype_name: str) -> None:
         assert_bitwise(wide_lookup(ids), np.take(wide, ids, axis=0))
 
 
+LARGE_BAD = [(ROWS, 0), (-1, 9_999), (-ROWS - 1, 19_999), (2**30, 12_345)]
+
+
+@pytest.mark.parametrize(("bad", "position"), LARGE_BAD, ids=[str(b) for b, _ in LARGE_BAD])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64], ids=["int32", "int64"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_bad_ids_in_large_batches_follow_policy(backend: str, policy: str, id_dtype: type, bad: int,
+                                                position: int) -> None:
+    """Large int32/int64 batches: torch lets index_select find the bad id; results must not differ."""
+    ids = np.random.default_rng(6).integers(0, ROWS, size=20_000).astype(id_dtype)  # 480 KB out: direct path
+    ids[position] = bad
+    lookup = cached_lookup(backend, "bfloat16", policy)
+    out = np.empty(ids.shape + (DIM,), lookup.dtype)
+    if policy == "error" or (policy == "wrap" and not -ROWS <= bad < 0):
+        for target in (None, out):
+            with pytest.raises(IdError, match=re.escape(f"id {bad} at position ({position},)")):
+                lookup(ids, out=target)
+        return
+    want = expected_vectors(table("bfloat16").data, policy, ids)
+    assert_bitwise(lookup(ids), want)
+    out.view(np.uint8)[...] = 0xA5
+    assert lookup(ids, out=out) is out
+    assert_bitwise(out, want)
+    ids[position] = 1  # the same buffers, now valid: the fast path again
+    assert_bitwise(lookup(ids, out=out), expected_vectors(table("bfloat16").data, policy, ids))
+
+
+def test_torch_skips_the_policy_pass_only_for_large_valid_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    from bridge.policy import IndexPolicy
+
+    calls: list[int] = []
+    apply = IndexPolicy.apply
+    monkeypatch.setattr(IndexPolicy, "apply", lambda self, ids: calls.append(ids.size) or apply(self, ids))
+    lookup = backends.lookup(table("float32"), "torch")  # 24-byte rows: direct path from 2,731 ids
+    data = table("float32").data
+    for size, checked in ((2_730, True), (2_731, False), (50_000, False)):
+        ids = np.random.default_rng(size).integers(0, ROWS, size=size)
+        calls.clear()
+        assert_bitwise(lookup(ids), data[ids])
+        assert calls == ([size] if checked else [])
+    ids[7] = ROWS  # refused by index_select: the policy runs and names the id
+    calls.clear()
+    with pytest.raises(IdError, match=r"id 50 at position \(7,\)"):
+        lookup(ids)
+    assert calls == [50_000]
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.int8], ids=["float64", "int8"])
 def test_float64_and_int8_tables(backend: str, dtype: type) -> None:
     data = make_data(np.dtype(dtype))
