@@ -6,6 +6,9 @@
 - ``bandwidth.png``: output bytes per second as a percentage of single-thread copy bandwidth
   (``memcpy`` time / variant time), against batch size; one panel per table and id distribution; the
   adapters writing into ``out=``, the fastest raw call of each framework, and ``np.take``.
+- ``pairs.png``: the paired comparisons (``doc["pairs"]``): each ``out=`` adapter's time over its
+  framework's fastest raw call, median and quartiles of the per-pair ratios, per cell, against the
+  1.10x target; a note instead when the run had no cell of ``paired_min_batch`` ids.
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ REFERENCES = {"np.take": {"color": "0.55", "linewidth": 1.0}, "memcpy": {"color"
 
 
 def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
-    """Write ``latency.png`` and ``bandwidth.png`` into ``out_dir``; returns their paths."""
+    """Write ``latency.png``, ``bandwidth.png`` and ``pairs.png`` into ``out_dir``; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    paths = [out_dir / "latency.png", out_dir / "bandwidth.png"]
-    for path, draw in zip(paths, (_latency, _bandwidth)):
+    paths = [out_dir / "latency.png", out_dir / "bandwidth.png", out_dir / "pairs.png"]
+    for path, draw in zip(paths, (_latency, _bandwidth, _pairs), strict=True):
         fig = draw(plt, doc)
         try:
             buffer = io.BytesIO()
@@ -115,6 +118,43 @@ def _bandwidth(plt: Any, doc: dict[str, Any]) -> Any:
                 ax.legend(fontsize=6, loc="upper left")
     fig.suptitle("Throughput as % of single-thread memcpy of the output\n(solid: bridge adapters into out=; "
                  "dashed: fastest raw call per framework)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _pairs(plt: Any, doc: dict[str, Any]) -> Any:
+    from benchmarks.targets import PARITY_MAX_RATIO
+
+    pairs = doc["pairs"]
+    order = {t["name"]: i for i, t in enumerate(doc["tables"])}
+    cells = sorted({(p["table"], p["distribution"], p["batch"]) for p in pairs},
+                   key=lambda c: (order.get(c[0], len(order)), c[1], c[2]))
+    adapters = list(dict.fromkeys(p["adapter"] for p in pairs))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(cells) + 2.5), 4.2))
+    if not pairs:
+        ax.text(0.5, 0.5, f"no cell of >= {doc['config']['paired_min_batch']:,} ids in this run:\nno paired comparison",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    width = 0.8 / max(1, len(adapters))
+    for k, name in enumerate(adapters):
+        mine = {(p["table"], p["distribution"], p["batch"]): p for p in pairs if p["adapter"] == name}
+        xs = [i + (k - (len(adapters) - 1) / 2) * width for i, c in enumerate(cells) if c in mine]
+        rows = [mine[c] for c in cells if c in mine]
+        ratios = [r["ratio"] for r in rows]
+        spread = [[r["ratio"] - r["ratio_q1"] for r in rows], [r["ratio_q3"] - r["ratio"] for r in rows]]
+        ax.errorbar(xs, ratios, yerr=spread, fmt="o", markersize=4, capsize=2, label=name,
+                    color=plt.cm.tab10.colors[k % 10])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(PARITY_MAX_RATIO, color="tab:red", linestyle="--", linewidth=0.9,
+               label=f"target {PARITY_MAX_RATIO:.2f}x")
+    ax.set_xticks(range(len(cells)))
+    ax.set_xticklabels([f"{t}\n{d}\n{_short(b)}" for t, d, b in cells], fontsize=7)
+    ax.set_ylabel("adapter time / fastest raw call", fontsize=8)
+    ax.set_title("Adapters (out=) against their framework's fastest raw call: median of paired ratios, "
+                 "quartiles as bars", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=6, loc="upper right", ncol=2)
     fig.tight_layout()
     return fig
 

@@ -131,8 +131,11 @@ def _sig(x: float) -> str:
 
 def to_markdown(doc: dict[str, Any]) -> str:
     """The whole report: run summary, targets, token lookups, then one latency table per table x distribution."""
-    parts = [f"# Lookup benchmark ({doc['mode']} mode)", "", summary_lines(doc), "", "## Targets", "",
-             targets_table(doc["targets"])]
+    parts = [f"# Lookup benchmark ({doc['mode']} mode)", "", summary_lines(doc), "", "## Targets", ""]
+    if doc["mode"].startswith("quick"):
+        parts += ["Quick mode takes short samples (`sample_s` = 3 ms, 7 pairs): its ratios move by 10-15% from run "
+                  "to run. It is a smoke test; judge the targets on a full run.", ""]
+    parts.append(targets_table(doc["targets"]))
     if doc["pairs"]:
         parts += ["", "## Adapters against the fastest raw call of their framework, paired", "",
                   "Each `out=` adapter and its framework's fastest raw call (same threads, same cell) timed in "

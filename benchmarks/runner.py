@@ -62,7 +62,7 @@ def run_benchmark(cfg: BenchConfig, *, command: str | None = None, progress: boo
 
 
 def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Path]:
-    """Write ``results.json``, ``results.md`` and (with ``plots``) ``latency.png``, ``bandwidth.png``.
+    """Write ``results.json``, ``results.md`` and (with ``plots``) ``latency.png``, ``bandwidth.png``, ``pairs.png``.
 
     ``out_dir`` is created if needed; each file is replaced atomically, other files there are left alone.
     """

@@ -148,7 +148,7 @@ def test_markdown_and_plots_are_written(run: tuple[dict[str, Any], Path, dict[st
     assert text.startswith("# Lookup benchmark (quick mode)")
     assert "## Targets" in text and "## tiny: 500 x 8 float32" in text
     assert "| np.take | raw | " in text and "(1.00x)" in text
-    for name in ("latency", "bandwidth"):
+    for name in ("latency", "bandwidth", "pairs"):
         width, height = png_size(written[name])
         assert width > 200 and height > 200
     import matplotlib.image
@@ -218,7 +218,8 @@ def test_cli_json_on_stdout_and_files(tmp_path: Path, capsys: pytest.CaptureFixt
                               f"--repeats 2 --tokens 0 --table t=300x4 --out {out}")
     assert doc["mode"] == "quick+custom" and doc["tokens"] is None
     assert {r["variant"] for r in doc["results"]} == {"np.take", "memcpy", "bridge.numpy", "bridge.numpy(out)"}
-    assert sorted(p.name for p in out.iterdir()) == ["bandwidth.png", "latency.png", "results.json", "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["bandwidth.png", "latency.png", "pairs.png", "results.json",
+                                                       "results.md"]
     assert "wrote " in captured.err
 
 
