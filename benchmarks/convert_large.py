@@ -128,7 +128,7 @@ def onnx_vs_keras(model: Any, onnx_path: Path, rows: int, seed: int = 1) -> dict
     vec_name, head_name = model.output_names  # the ONNX outputs carry the Keras output names
     exact, head_diff, ok = True, 0.0, True
     for ids in sample_ids(rows, seed):
-        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: ids})))
+        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: ids}), strict=True))
         vectors, head = (np.asarray(t) for t in model(ids))
         exact &= bool(np.array_equal(got[vec_name], vectors))
         head_diff = max(head_diff, float(np.max(np.abs(got[head_name] - head))))

@@ -22,7 +22,8 @@ from bridge.atomic import atomic_file
 
 FAMILIES = (("numpy", ("numpy",)), ("torch", ("torch",)), ("onnxruntime", ("onnxruntime",)),
             ("tensorflow / keras", ("tensorflow", "keras")), ("gensim", ("gensim",)))
-REFERENCES = {"np.take": {"color": "0.55", "linewidth": 1.0}, "memcpy": {"color": "black", "linestyle": ":"}}
+REFERENCES: dict[str, dict[str, Any]] = {"np.take": {"color": "0.55", "linewidth": 1.0},
+                                         "memcpy": {"color": "black", "linestyle": ":"}}
 
 
 def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -15,7 +15,7 @@ _EXTENSION = {
     "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
     "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
 }
-_STORAGE = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16)}
+_STORAGE: dict[int, np.dtype[Any]] = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16)}
 
 
 def dtype_name(dtype: np.dtype[Any]) -> str:

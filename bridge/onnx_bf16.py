@@ -111,7 +111,8 @@ def upcast_bfloat16(model: onnx.ModelProto) -> Upcast:
             if name and types.get(name) == _BF16:
                 wide = unique_name(f"{name}__f32", taken)
                 node.output[i] = wide
-                nodes.append(helper.make_node("Cast", [wide], [name], to=_BF16, name=unique_name(f"{name}__to_bf16", taken)))
+                back = unique_name(f"{name}__to_bf16", taken)
+                nodes.append(helper.make_node("Cast", [wide], [name], to=_BF16, name=back))
         changed.append(node)
     if changed:
         del graph.node[:]

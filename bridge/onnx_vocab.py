@@ -51,7 +51,8 @@ def mapper_vocabulary(node: onnx.NodeProto, label: str = "") -> OnnxVocab | None
     strings_attr, ids_attr = _attr(node, "cats_strings"), _attr(node, "cats_int64s")
     if strings_attr is None or ids_attr is None or len(strings_attr.strings) != len(ids_attr.ints):
         return None
-    cats = [(s.decode("utf-8", errors="surrogateescape"), int(i)) for s, i in zip(strings_attr.strings, ids_attr.ints)]
+    pairs = zip(strings_attr.strings, ids_attr.ints, strict=True)
+    cats = [(s.decode("utf-8", errors="surrogateescape"), int(i)) for s, i in pairs]
     default_attr = _attr(node, "default_int64")
     default = int(default_attr.i) if default_attr is not None else -1
     if not cats or min(i for _, i in cats) < 0:
@@ -116,8 +117,9 @@ def onnx_vocabularies(model: onnx.ModelProto, refs: Sequence[TableRef] | None = 
         vocabs: dict[tuple[tuple[str, ...], int | None], OnnxVocab] = {}
         for use in ref.gathers:
             graph = graphs.get(use.graph)
-            nodes = enumerate(graph.node) if graph is not None else ()
-            gather = next((n for i, n in nodes if node_label(n, i) == use.node), None)
+            if graph is None:
+                continue
+            gather = next((n for i, n in enumerate(graph.node) if node_label(n, i) == use.node), None)
             for position, mapper in feeding_mappers(graph, gather) if gather is not None else []:
                 vocab = mapper_vocabulary(mapper, node_label(mapper, position))
                 if vocab is not None:

@@ -79,7 +79,8 @@ def compare(
     ids = np.asarray(ids)
     ref, cand = np.asarray(reference), np.asarray(candidate)
     tolerance = None if atol is None and rtol is None else (float(atol or 0.0), float(rtol or 0.0))
-    base = {"table": table, "backend": backend, "reference": reference_name, "tolerance": tolerance, "case": case}
+    base: dict[str, Any] = {"table": table, "backend": backend, "reference": reference_name, "tolerance": tolerance,
+                            "case": case}
     if ref.shape[: ids.ndim] != ids.shape or ref.ndim != ids.ndim + 1:
         raise ParityError(f"reference shape {ref.shape} does not match ids shape {ids.shape} + (dim,)")
     problem = _layout_problem(ref, cand, tolerance)
@@ -196,6 +197,7 @@ def reference_lookup(table: EmbeddingTable, policy: str = "error", oov_id: int |
         if policy == "clip":
             values[big] = rows - 1
         elif policy == "oov":
+            assert oov is not None  # checked above
             values[bad] = oov
         out = np.asarray(np.take(data, values, axis=0))
         if table.quantization is not None:
@@ -313,9 +315,10 @@ def _compare_run(
         return compare(expected, got, ids, atol=tol[0], rtol=tol[1], **meta)
     tolerance = None if tol == (None, None) else (float(tol[0] or 0.0), float(tol[1] or 0.0))
     both = isinstance(expected, str) and isinstance(got, str)
-    detail = f"both raised ({got.split(':')[0]})" if both else (
-        f"candidate raised {got}" if isinstance(got, str) else f"reference raised {expected}"
-    )
+    if isinstance(expected, str) and isinstance(got, str):
+        detail = f"both raised ({got.split(':')[0]})"
+    else:
+        detail = f"candidate raised {got}" if isinstance(got, str) else f"reference raised {expected}"
     first = None if both or not ids.size else int(ids.reshape(-1)[0])
     return Comparison(
         table=meta["table"], backend=meta["backend"], reference=meta["reference_name"], passed=both,

@@ -32,7 +32,9 @@ from bridge.errors import IdError, InputError
 
 POLICIES: tuple[str, ...] = ("error", "clip", "zero", "oov", "wrap")
 
-_UNSIGNED_BY_SIZE = {1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}
+_UNSIGNED_BY_SIZE: dict[int, np.dtype[Any]] = {
+    1: np.dtype(np.uint8), 2: np.dtype(np.uint16), 4: np.dtype(np.uint32), 8: np.dtype(np.uint64)
+}
 _INT64_MAX = int(np.iinfo(np.int64).max)
 _SMALL = 16  # up to this many ids, tolist() and sorted() beat ndarray reductions
 # native int32 / int64 (C int, long, long long): the id dtypes every backend gathers with as they are
@@ -181,6 +183,7 @@ class IndexPolicy:
         if self.name == "clip":
             return np.clip(values, 0, self.rows - 1), None
         if self.name == "oov":
+            assert self.oov_id is not None  # __post_init__ refuses policy 'oov' without a row
             return np.where(bad, np.int64(self.oov_id), values), None
         return np.where(bad, np.int64(0), values), bad  # zero
 

@@ -398,7 +398,7 @@ def _trace(index: _Index, const: _Const) -> list[_Found]:
     while stack:
         key, via, quant = stack.pop()
         pairs = index.use_pairs(key)
-        for seq, input_index in zip(pairs[::2], pairs[1::2]):
+        for seq, input_index in zip(pairs[::2], pairs[1::2], strict=True):
             followed = _follow(index, seq, input_index, via, rank)
             if followed is None:
                 ends.setdefault((seq, input_index, via), quant)

@@ -163,7 +163,7 @@ def slice_start_problem(step: Step) -> str | None:
     axes = list(range(len(starts))) if axes is None else axes
     if len(axes) != len(starts):
         return f"Slice {step.label!r} has starts and axes of different lengths"
-    by_axis = {a % step.rank: s for a, s in zip(axes, starts)}
+    by_axis = {a % step.rank: s for a, s in zip(axes, starts, strict=True)}
     if 0 not in by_axis:
         return f"Slice {step.label!r} slices columns only (axis 1), not rows"
     if any(s != 0 for s in by_axis.values()):

@@ -194,7 +194,9 @@ class Store(Mapping[str, EmbeddingTable]):
         """Resolve a manifest path inside the store, refusing paths that escape it or are missing."""
         path = safe_child_path(self.path, relative)
         if not path.is_file():
-            raise StoreError(f"store {str(self.path)!r} lists {relative!r} but the file is missing; re-create the store")
+            raise StoreError(
+                f"store {str(self.path)!r} lists {relative!r} but the file is missing; re-create the store"
+            )
         return path
 
     def vocabulary(self, name: str) -> Vocabulary:

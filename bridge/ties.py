@@ -165,7 +165,8 @@ def _operand(scope: tuple[_Frame, ...], node: onnx.NodeProto, position: int, inp
     """Follow input ``input_index`` of ``node`` back through Identity/Transpose to a rank-2 constant."""
     if len(node.input) <= input_index or not node.input[input_index]:
         return None
-    name, transposed, via = node.input[input_index], _wants_transposed(node, input_index), []
+    name, transposed = node.input[input_index], _wants_transposed(node, input_index)
+    via: list[str] = []  # op types passed on the way
     for _ in range(_MAX_CHAIN):
         found = _lookup(scope, name)
         if found is None:

@@ -118,7 +118,7 @@ class OnnxruntimeLookup(Lookup):
         options = _options(ort, threads)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         self._param_values = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays.values()]
-        for name, value in zip(arrays, self._param_values):  # the OrtValues must outlive the session
+        for name, value in zip(arrays, self._param_values, strict=True):  # the OrtValues must outlive the session
             options.add_initializer(name, value)
         try:
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])

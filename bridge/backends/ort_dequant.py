@@ -9,6 +9,8 @@ per-tensor and per-column parameters are small and stored in the graph.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -32,7 +34,7 @@ class _Graph:
         self.inits: list[onnx.TensorProto] = [_placeholder(TABLE, data)]
         self.overrides: dict[str, np.ndarray] = {TABLE: data}
 
-    def add(self, op: str, inputs: list[str], output: str, **attrs: object) -> str:
+    def add(self, op: str, inputs: list[str], output: str, **attrs: Any) -> str:
         self.nodes.append(helper.make_node(op, inputs, [output], name=output, **attrs))
         return output
 

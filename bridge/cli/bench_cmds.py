@@ -24,7 +24,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="time lookups on every backend against raw framework calls; JSON, Markdown, PNG",
                        description="Time lookups through every bridge adapter against the frameworks' own calls, "
                        "round-robin in one process. Writes results.json, results.md, latency.png, "
-                       "bandwidth.png and pairs.png into --out; prints the Markdown tables (or, with --json, the JSON document).")
+                       "bandwidth.png and pairs.png into --out; prints the Markdown tables (or, with --json, "
+                       "the JSON document).")
     p.add_argument("--quick", action="store_true",
                    help="4 batch sizes (1, 64, 4096, 65536), fewer repeats: under 2 minutes")
     p.add_argument("--large", action="store_true", help="add the 2 GiB table (needs about 10 GiB of free memory)")

@@ -72,7 +72,7 @@ def run_lookup(args: argparse.Namespace) -> int:
                    "dtype": str(table.served_dtype), "keys": keys, "vectors": values.tolist()})
         return 0
     with np.printoptions(precision=6, suppress=True, linewidth=120, threshold=64):
-        for key, vec in zip(keys, vectors):
+        for key, vec in zip(keys, vectors, strict=True):
             say(f"{key!r}: {np.asarray(vec, dtype=values.dtype)}")
     return 0
 
