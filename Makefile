@@ -11,7 +11,7 @@ EXTRAS := keras,torch,test,bench
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-slow test-all bench bench-quick clean
+.PHONY: install demo test test-slow test-all lint bench bench-quick clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/python -m pip install -q ruff mypy
+	$(BIN)/ruff check .
+	$(BIN)/mypy bridge converters benchmarks
 
 bench-quick: $(STAMP)
 	$(BIN)/embridge bench --quick --out bench-out

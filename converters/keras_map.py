@@ -38,7 +38,7 @@ def digest(arr: np.ndarray) -> bytes:
     contiguous = np.ascontiguousarray(arr)
     h = hashlib.blake2b(digest_size=20)
     h.update(f"{contiguous.dtype.str}|{contiguous.shape}|".encode())
-    h.update(memoryview(contiguous.reshape(-1).view(np.uint8)))
+    h.update(contiguous.reshape(-1).view(np.uint8).data)  # the buffer itself (a memoryview), no copy
     return h.digest()
 
 

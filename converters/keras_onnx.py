@@ -59,7 +59,7 @@ def output_names(model: Any, out: Any, taken: set[str]) -> dict[str, Any]:
         else:
             keys = ["output"] if len(tensors) == 1 else [f"output_{i}" for i in range(len(tensors))]
     named: dict[str, Any] = {}
-    for i, (key, tensor) in enumerate(zip(keys, tensors)):
+    for i, (key, tensor) in enumerate(zip(keys, tensors, strict=True)):
         name = key if _VALID_NAME.match(key) else f"output_{i}"
         while name in taken or name in named:
             name = f"{name}_out"

@@ -105,7 +105,7 @@ def sample_inputs(model: Any, store: Store, seed: int = 0, batch: int = 3, lengt
     """Inputs for a whole-model comparison: valid ids, vocabulary tokens, or normal floats."""
     rng = np.random.default_rng(seed)
     rows = min((store[n].rows for n in store), default=1)
-    tokens = next((store[n].vocab.tokens for n in store if store[n].vocab is not None), None)
+    tokens = next((vocab.tokens for vocab in (store[n].vocab for n in store) if vocab is not None), None)
     out = {}
     for tensor in model.inputs:
         shape = tuple(batch if i == 0 else (d or length) for i, d in enumerate(tensor.shape))
@@ -127,13 +127,14 @@ def model_comparisons(model: Any, onnx_path: Path, inputs: Mapping[str, np.ndarr
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     feed_names = [i.name for i in session.get_inputs()]
-    feeds = {name: _ort_feed(value) for name, value in zip(feed_names, inputs.values())}
+    feeds = {name: _ort_feed(value) for name, value in zip(feed_names, inputs.values(), strict=True)}
     got = session.run(None, feeds)
-    raw = model([_keras_feed(v) for v in inputs.values()] if len(inputs) > 1 else _keras_feed(next(iter(inputs.values()))))
+    raw = model([_keras_feed(v) for v in inputs.values()] if len(inputs) > 1
+                else _keras_feed(next(iter(inputs.values()))))
     # the converter named each ONNX output like this (tf2onnx then orders outputs by name): pair by name
     expected = output_names(model, raw, set(feed_names) | {str(getattr(model, "name", "model"))})
     rows = []
-    for out, cand in zip(session.get_outputs(), got):
+    for out, cand in zip(session.get_outputs(), got, strict=True):
         if out.name not in expected:
             raise ParityError(f"the ONNX model's output {out.name!r} has no Keras counterpart "
                               f"(Keras outputs: {', '.join(expected)}); convert the model again")

@@ -111,7 +111,7 @@ def derive_signature(model: Any) -> Signature:
         if any(isinstance(t, (Mapping, list, tuple)) for t in struct):
             raise UnsupportedError(f"nested input structures are not supported; {SIGNATURE_HELP}")
         names = _unique([_input_name(t, f"input_{i}") for i, t in enumerate(struct)])
-        return Signature(tuple(_spec_of(t, n) for t, n in zip(struct, names)), LIST)
+        return Signature(tuple(_spec_of(t, n) for t, n in zip(struct, names, strict=True)), LIST)
     return Signature((_spec_of(struct, _input_name(struct, "input")),), SINGLE)
 
 
@@ -191,7 +191,7 @@ def normalize_signature(signature: Any) -> Signature:
         names = _unique([_spec_name(s, f"input_{i}") for i, s in enumerate(signature)])
         if len(names) == 1:  # tf2onnx's convention: a list of positional arguments
             names = [_spec_name(signature[0], "input")]
-        specs = tuple(_from_value(n, s) for n, s in zip(names, signature))
+        specs = tuple(_from_value(n, s) for n, s in zip(names, signature, strict=True))
         return Signature(specs, SINGLE if len(specs) == 1 else LIST)
     if type(signature).__name__ == "TensorSpec":
         return Signature((_from_value(_spec_name(signature, "input"), signature),), SINGLE)

@@ -42,6 +42,7 @@ import numpy as np
 from bridge.errors import ModelFormatError
 from bridge.render import human_bytes
 from converters.keras_env import captured_logs, import_keras
+from converters.keras_skeleton import LARGE_THRESHOLD, TF2ONNX_LIMIT, ShrunkTable, skeleton_pattern
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
@@ -145,7 +146,7 @@ class StreamedKeras:
     def _restore_initializers(self, model: Any) -> None:
         _, keras = import_keras()
         for table in self.tables:
-            for cpath, lpath in zip(table.config_paths, table.layer_paths):
+            for cpath, lpath in zip(table.config_paths, table.layer_paths, strict=True):
                 original = _entry_at(self.config, cpath)["config"].get("embeddings_initializer")
                 if original is not None:
                     layer_at(model, lpath).embeddings_initializer = keras.initializers.get(original)
@@ -238,8 +239,6 @@ def open_streamed(path: Path, *, safe_mode: bool = True, min_rows: int = 17) -> 
     Big tables are the built-in float ``Embedding`` layers (not quantized, no LoRA) with more than
     ``min_rows`` rows. Layers sharing one table (a layer used twice) are one entry.
     """
-    import h5py
-
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as exc:  # the ordinary loader reports a corrupt file in its words
@@ -257,18 +256,16 @@ def open_streamed(path: Path, *, safe_mode: bool = True, min_rows: int = 17) -> 
             tmp = tempfile.TemporaryDirectory(prefix="embridge-keras-")
             with zf.open(info) as src, open(Path(tmp.name) / WEIGHTS_FILE, "wb") as dst:
                 shutil.copyfileobj(src, dst, 16 * 2**20)
+    span = (base, info.file_size) if base is not None else None
+    streamed = StreamedKeras(path, config, [], [], 0, safe_mode, span, tmp)
     try:
-        opener = _OffsetFile(path, base, info.file_size) if base is not None else Path(tmp.name) / WEIGHTS_FILE
-        with h5py.File(opener, "r") as h5:
-            layers = list(_match(config, h5, (), "", "")) if "layers" in h5 else []
-            span = (base, info.file_size) if base is not None else None
-            streamed = StreamedKeras(path, config, layers, [], 0, safe_mode, span, tmp)
-            streamed.tables = _big_tables(layers, h5, base or 0, min_rows)
-            streamed.weight_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for layer in layers
-                                        for s, d in zip(layer.var_shapes, layer.var_dtypes))
+        with streamed.open_h5() as h5:  # in place inside the zip (span), else the extracted copy (tmp)
+            streamed.layers = list(_match(config, h5, (), "", "")) if "layers" in h5 else []
+            streamed.tables = _big_tables(streamed.layers, h5, base or 0, min_rows)
+            streamed.weight_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for layer in streamed.layers
+                                        for s, d in zip(layer.var_shapes, layer.var_dtypes, strict=True))
     except Exception:
-        if tmp is not None:
-            tmp.cleanup()
+        streamed.close()  # removes the extracted copy, if one was made
         raise
     return streamed
 
@@ -389,8 +386,6 @@ def stream_large(source: Any, *, safe_mode: bool, large: bool | None, threshold:
     (the ordinary load) for other inputs, ``large=False``, a model without a big table, or a
     layout this module does not understand (with a warning).
     """
-    from converters.keras_large import LARGE_THRESHOLD, TF2ONNX_LIMIT
-
     if large is False or not isinstance(source, (str, Path)) or Path(source).suffix.lower() != ".keras":
         return None
     path = Path(source)
@@ -409,7 +404,8 @@ def stream_large(source: Any, *, safe_mode: bool, large: bool | None, threshold:
         if large:
             reason = "requested (large=True)"
         elif streamed.table_bytes >= limit:
-            reason = f"embedding tables total {human_bytes(streamed.table_bytes)}, at least the {human_bytes(limit)} threshold"
+            reason = (f"embedding tables total {human_bytes(streamed.table_bytes)}, "
+                      f"at least the {human_bytes(limit)} threshold")
         elif streamed.weight_bytes > TF2ONNX_LIMIT:
             reason = f"weights total {human_bytes(streamed.weight_bytes)}, past tf2onnx's 2 GiB limit"
     if reason is None:
@@ -418,19 +414,16 @@ def stream_large(source: Any, *, safe_mode: bool, large: bool | None, threshold:
     return streamed, reason
 
 
-def build_streamed_skeleton(streamed: StreamedKeras, skeleton_rows: int) -> tuple[Any, list[Any]]:
+def build_streamed_skeleton(streamed: StreamedKeras, skeleton_rows: int) -> tuple[Any, list[ShrunkTable]]:
     """The skeleton built from the config (small weights loaded) and its plan, each table a map of the file."""
-    from converters.keras_large import ShrunkTable
-
     rows = {t.h5_path: skeleton_rows + i for i, t in enumerate(streamed.tables)}
     skeleton = streamed.build(rows)
     with streamed.open_h5() as h5:
         streamed.load_small_weights(skeleton, h5)
-    plan = []
+    plan: list[ShrunkTable] = []
     for table in streamed.tables:
         k = rows[table.h5_path]
-        pattern = np.random.default_rng((0xE8B, k, table.shape[1])).standard_normal((k, table.shape[1]))
-        pattern = pattern.astype(table.dtype)
+        pattern = skeleton_pattern(k, table.shape[1], table.dtype)
         layers = [layer_at(skeleton, p) for p in table.layer_paths]
         for layer in layers:
             layer.embeddings.assign(pattern)

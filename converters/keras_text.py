@@ -138,7 +138,7 @@ def split_text_inputs(loaded: LoadedModel) -> tuple[LoadedModel, Signature | Non
         new_inputs.append(out)
         specs.append(InputSpec(onnx_name, tuple(None for _ in out.shape), _dtype(out)))
     kind = DICT if keys else (LIST if isinstance(structure, (list, tuple)) else SINGLE)
-    arg: Any = dict(zip(keys, new_inputs)) if keys else (new_inputs if kind == LIST else new_inputs[0])
+    arg: Any = dict(zip(keys, new_inputs, strict=True)) if keys else (new_inputs if kind == LIST else new_inputs[0])
     outputs = model.outputs if len(model.outputs) > 1 else model.outputs[0]
     sub = keras.Model(arg, outputs, name=f"{model.name}_from_ids")
     warnings = [f"input {t.input!r} feeds TextVectorization {t.layer!r}, whose string ops onnxruntime cannot run: "

@@ -46,7 +46,7 @@ def _outer_inputs(model: Any, entries: list[LayerEntry]) -> dict[int, list[Any]]
         for node in getattr(layer, "_inbound_nodes", []):
             given = node_tensors(node)
             if len(given) == len(inner):
-                for inner_t, outer_t in zip(inner, given):
+                for inner_t, outer_t in zip(inner, given, strict=True):
                     outer[id(inner_t)].append(outer_t)
     return outer
 

@@ -132,7 +132,7 @@ def torch_tables(model: onnx.ModelProto, base_dir: Path | None, module: Any) -> 
     warns: list[str] = []
     taken: set[str] = set()
     tables = []
-    for (ref, data), cands in zip(pairs, matches):
+    for (ref, data), cands in zip(pairs, matches, strict=True):
         name = default_table_name(cands[0].weight if cands else ref.initializer, taken)
         taken.add(name)
         tables.append(_table(name, ref, data, cands, ties.get(ref.initializer, ()), warns))

@@ -10,6 +10,7 @@ so a table is named after its embedding, not after the head that reuses it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -48,7 +49,7 @@ def state_dict_candidates(module: Any) -> list[Candidate]:
             continue
         owner = _owner(module, key)
         cand = Candidate(module_path(key), key, tuple(int(d) for d in tensor.shape),
-                         (lambda t=tensor: array_from_tensor(t)), primary=True, obj=owner)
+                         partial(array_from_tensor, tensor), primary=True, obj=owner)
         (first if _is_embedding(owner) and _leaf(key) == "weight" else rest).append(cand)
     return first + rest
 

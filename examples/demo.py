@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     vectors = {name: lookup(table, name).tokens(words) for name in ("numpy", "onnxruntime", "torch")}
     same = all(v.tobytes() == vectors["numpy"].tobytes() for v in vectors.values())
     ids = table.vocab.ids(words) if table.vocab else np.array([])
-    for word, i, vec in zip(words, ids, vectors["numpy"]):
+    for word, i, vec in zip(words, ids, vectors["numpy"], strict=True):
         print(f"{word!r:16} id {int(i):3d}  {np.array2string(vec[:4], precision=4)} ...")
     print(f"numpy, onnxruntime and torch return identical bytes: {same}")
     print("note: unknown words map to the StringLookup OOV id 0; the Keras layer has mask_zero=True, so the model"

@@ -594,5 +594,6 @@ def test_onnxruntime_start_up_probe_checks_both_paths() -> None:
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_unsupported_table_dtype_names_the_supported_ones(backend: str) -> None:
     table = np.zeros((4, 2), dtype=np.complex64)
-    with pytest.raises(BackendError, match=rf"complex64, which the {backend} backend does not serve; supported: .*float32"):
+    message = rf"complex64, which the {backend} backend does not serve; supported: .*float32"
+    with pytest.raises(BackendError, match=message):
         backends.lookup(table, backend)

@@ -17,7 +17,8 @@ from bridge.errors import ChecksumError, OutputExistsError, StoreError, TableNot
 
 def _tables() -> list[EmbeddingTable]:
     rng = np.random.default_rng(0)
-    vocab = Vocabulary(["", "[UNK]", "the", "cat", "back\\slash", "new\nline"], oov_id=1, reserved={"mask": 0, "oov": 1})
+    vocab = Vocabulary(["", "[UNK]", "the", "cat", "back\\slash", "new\nline"], oov_id=1,
+                       reserved={"mask": 0, "oov": 1})
     return [
         EmbeddingTable("tok/emb", rng.standard_normal((6, 4)).astype(np.float32), vocab=vocab,
                        sources=(SourceRef("keras", "tok_emb", "tok_emb/embeddings"),), oov_id=1,

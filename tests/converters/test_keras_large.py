@@ -308,7 +308,8 @@ def _wrap_graph(extra: list[onnx.NodeProto], k: int = 17) -> onnx.GraphProto:
         helper.make_node("Gather", ["table", "idx"], ["out"], name="gather"),
         *extra,
     ]
-    inits = [numpy_helper.from_array(np.array(k, np.int64), "k"), numpy_helper.from_array(np.array(0, np.int64), "zero"),
+    inits = [numpy_helper.from_array(np.array(k, np.int64), "k"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"),
              numpy_helper.from_array(np.zeros((k, 2), np.float32), "table")]
     outputs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in (nodes[3], *extra)]
     return helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, None)], outputs,

@@ -63,7 +63,8 @@ def test_bridge_text_gives_keras_ids(kmodels: Any, name: str) -> None:
     want = keras_ids(layer, TRICKY)
     got = tokenize_batch(TRICKY, settings, vocab)
     assert got.dtype == np.int64 and got.shape == want.shape
-    assert np.array_equal(got, want), [(t, g, w) for t, g, w in zip(TRICKY, got.tolist(), want.tolist(), strict=True) if g != w]
+    assert np.array_equal(got, want), [
+        (t, g, w) for t, g, w in zip(TRICKY, got.tolist(), want.tolist(), strict=True) if g != w]
 
 
 def test_lowercasing_and_splitting_are_ascii_only() -> None:
