@@ -41,7 +41,7 @@ import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
-from typing import Any, ClassVar, Generic, TypeVar, cast
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 
@@ -116,8 +116,8 @@ class ThreadBuffers(Generic[T]):
         self._max_shapes = max_shapes
 
     def get(self, shape: tuple[int, ...]) -> T:
-        cache = cast("dict[tuple[int, ...], T]", vars(self._local))  # this thread's own attribute dict
-        found = cache.get(shape)
+        cache: dict[Any, Any] = self._local.__dict__  # this thread's own attributes: shape -> buffers
+        found: T | None = cache.get(shape)
         if found is None:
             if len(cache) >= self._max_shapes:
                 cache.clear()
