@@ -10,21 +10,27 @@ Where the model dequantizes the rows *after* the Gather (Keras int8 / int4:
 the sub-model also keeps those nodes, the scale / zero point Gathers reading the same ids and their
 constants, and its output is the dequantized vector. Such a sub-model takes ids of the rank the model's
 own ids input has (its ``Unsqueeze`` axes may depend on it); the callable reshapes other ids to it.
+
+A table the model only reads with ``Slice`` (``W[:n]``, a position table read by sequence length) has
+no Gather to cut out: :func:`slice_submodel` keeps its link chain and its own Slice with every end
+opened, so onnxruntime returns all rows exactly as the model reads them, and the reference indexes
+those rows with the ids (:func:`onnx_slice_reference`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bridge.errors import ParityError, UnsupportedError
+from bridge.errors import IdError, ParityError, UnsupportedError
 from bridge.onnx_io import initializer_array, iter_graphs, node_label
-from bridge.scan import TableRef
+from bridge.scan import TableRef, Use
 
 IR_VERSION = 10
 #: doc_string marking a sub-model whose bfloat16 output is widened to float32 (exact) for onnxruntime
@@ -32,13 +38,18 @@ BF16_WIDENED = "bfloat16 output widened to float32"
 
 
 def _find_gather(graph: onnx.GraphProto, ref: TableRef) -> onnx.NodeProto:
-    labels = {use.node for use in ref.gathers if use.graph == ref.graph}
+    return _find_reader(graph, ref, ref.gathers, "Gather")
+
+
+def _find_reader(graph: onnx.GraphProto, ref: TableRef, uses: tuple[Use, ...], op_type: str) -> onnx.NodeProto:
+    """The first of ``uses`` (nodes of type ``op_type``) that sits in the table's own graph."""
+    labels = {use.node for use in uses if use.graph == ref.graph}
     for i, node in enumerate(graph.node):
-        if node_label(node, i) in labels and node.op_type == "Gather":
+        if node_label(node, i) in labels and node.op_type == op_type:
             return node
     raise UnsupportedError(
-        f"table {ref.initializer!r}: its Gather is not in the table's own graph (e.g. inside a Loop body); "
-        "no stand-alone ONNX reference can be cut out for it"
+        f"table {ref.initializer!r}: no {op_type} reading it is in the table's own graph (e.g. it is inside a "
+        "Loop body); no stand-alone ONNX reference can be cut out for it"
     )
 
 
@@ -166,12 +177,17 @@ def gather_submodel(model: onnx.ModelProto, ref: TableRef) -> onnx.ModelProto:
         [onnx.ValueInfoProto(name="vectors")],
         initializer=inits,
     )
+    return _typed_model(model, sub, ref, "Gather")
+
+
+def _typed_model(model: onnx.ModelProto, sub: onnx.GraphProto, ref: TableRef, op_type: str) -> onnx.ModelProto:
+    """``sub`` as a model with ``model``'s opsets and a typed ``vectors`` output (bfloat16 widened to float32)."""
     opsets = list(model.opset_import)
     made = helper.make_model(sub, opset_imports=opsets, ir_version=min(model.ir_version or IR_VERSION, IR_VERSION))
     inferred = onnx.shape_inference.infer_shapes(made)
     elem = next((v.type.tensor_type.elem_type for v in inferred.graph.value_info if v.name == "vectors"), 0)
     if not elem:
-        raise UnsupportedError(f"cannot infer the output type of table {ref.initializer!r}'s Gather")
+        raise UnsupportedError(f"cannot infer the output type of table {ref.initializer!r}'s {op_type}")
     if elem == onnx.TensorProto.BFLOAT16:  # session.run cannot return bfloat16: widen exactly, narrow in run()
         made.graph.node.append(helper.make_node("Cast", ["vectors"], ["vectors_f32"], to=onnx.TensorProto.FLOAT))
         made.graph.output[0].CopyFrom(helper.make_tensor_value_info("vectors_f32", onnx.TensorProto.FLOAT, None))
@@ -179,6 +195,58 @@ def gather_submodel(model: onnx.ModelProto, ref: TableRef) -> onnx.ModelProto:
     else:
         made.graph.output[0].CopyFrom(helper.make_tensor_value_info("vectors", elem, None))
     return made
+
+
+_OPEN_END = int(np.iinfo(np.int64).max)
+
+
+def _elem_type(model: onnx.ModelProto, graph: onnx.GraphProto, name: str) -> int:
+    """The element type of value ``name``: an initializer's, a Constant node's, or shape inference's."""
+    for tensor in graph.initializer:
+        if tensor.name == name:
+            return int(tensor.data_type)
+    for node in graph.node:
+        if node.op_type == "Constant" and name in node.output:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                return int(value.data_type)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    found = (v.type.tensor_type.elem_type for v in inferred.graph.value_info if v.name == name)
+    return int(next(found, onnx.TensorProto.INT64))
+
+
+def slice_submodel(model: onnx.ModelProto, ref: TableRef) -> onnx.ModelProto:
+    """A model with no input and one output ``vectors``: every row of the table as the model reads it.
+
+    It keeps the table's initializer, the link chain in front of its first ``Slice`` and that Slice with
+    its own starts, axes and steps (constants: the scanner only accepts a Slice from row 0 with unit
+    steps), its ends replaced by "open" (``INT64_MAX``, clamped to each axis).
+    """
+    graph = next(g for path, g in iter_graphs(model) if path == ref.graph)
+    node = _find_reader(graph, ref, ref.slices, "Slice")
+    nodes, inits = _constant_chain(graph, node.input[0])
+    for name in list(node.input[1:2]) + list(node.input[3:5]):  # starts, axes, steps (constants)
+        if name:
+            more_nodes, more_inits = _constant_chain(graph, name)
+            nodes += [n for n in more_nodes if all(n is not m for m in nodes)]
+            inits += [t for t in more_inits if all(t.name != u.name for u in inits)]
+    sliced = _renamed(node, {node.output[0]: "vectors"})
+    if len(node.input) > 2:  # opset >= 10: ends is an input, of the starts' type (tf2onnx writes int32)
+        sliced.input[2] = "open_ends"
+        int32 = _elem_type(model, graph, node.input[1]) == onnx.TensorProto.INT32
+        end = np.array([np.iinfo(np.int32).max], np.int32) if int32 else np.array([_OPEN_END], np.int64)
+        nodes += [helper.make_node("Shape", [node.input[1]], ["open_ends_shape"]),
+                  helper.make_node("ConstantOfShape", ["open_ends_shape"], ["open_ends"],
+                                   value=numpy_helper.from_array(end))]
+    else:  # opset < 10: starts/ends/axes are attributes
+        for attribute in sliced.attribute:
+            if attribute.name == "ends":
+                attribute.ints[:] = [_OPEN_END] * len(attribute.ints)
+    order = {id(n): i for i, n in enumerate(graph.node)}
+    nodes.sort(key=lambda n: order.get(id(n), len(order)))
+    sub = helper.make_graph([*nodes, sliced], "slice_reference", [], [onnx.ValueInfoProto(name="vectors")],
+                            initializer=inits)
+    return _typed_model(model, sub, ref, "Slice")
 
 
 def _placeholder(tensor: onnx.TensorProto, array: np.ndarray) -> onnx.TensorProto:
@@ -195,25 +263,8 @@ def onnx_gather_reference(
     Initializers stored as external data are memory-mapped and handed to onnxruntime with
     ``SessionOptions.add_initializer`` (no copy); the OrtValues live as long as the callable.
     """
-    import onnxruntime as ort
-
     sub = gather_submodel(model, ref)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    keep_alive = []
-    for i, tensor in enumerate(sub.graph.initializer):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            array = initializer_array(tensor, base_dir)
-            sub.graph.initializer[i].CopyFrom(_placeholder(tensor, array))
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
-            keep_alive.append(value)
-            opts.add_initializer(tensor.name, value)
-    try:
-        session = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own exception types
-        raise ParityError(f"onnxruntime cannot run the Gather of table {ref.initializer!r}: {exc}") from exc
-
+    session, keep_alive = _session(sub, ref, base_dir, "Gather")
     ids_type = sub.graph.input[0].type.tensor_type
     rank = len(ids_type.shape.dim) if ids_type.HasField("shape") else None
     narrow = sub.doc_string == BF16_WIDENED
@@ -231,3 +282,54 @@ def onnx_gather_reference(
         return vectors.astype(ml_dtypes.bfloat16) if narrow else vectors
 
     return run
+
+
+def onnx_slice_reference(
+    model: onnx.ModelProto, ref: TableRef, base_dir: Path | None = None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A callable ``ids -> vectors``: the rows :func:`slice_submodel` reads in onnxruntime, indexed by ``ids``.
+
+    onnxruntime runs once, on the first call; ids outside ``[0, rows)`` raise :class:`IdError` (the model
+    itself can only read its first rows).
+    """
+    sub = slice_submodel(model, ref)
+    session, keep_alive = _session(sub, ref, base_dir, "Slice")
+    narrow = sub.doc_string == BF16_WIDENED
+    rows: list[np.ndarray] = []
+
+    def run(ids: np.ndarray) -> np.ndarray:
+        if not rows:
+            _ = keep_alive  # the session reads these buffers
+            values = session.run(None, {})[0]
+            rows.append(values.astype(ml_dtypes.bfloat16) if narrow else values)
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and not (0 <= int(ids.min()) and int(ids.max()) < len(rows[0])):
+            raise IdError(f"the model's Slice of table {ref.initializer!r} reads rows 0..{len(rows[0]) - 1} only")
+        return np.take(rows[0], ids, axis=0)
+
+    return run
+
+
+def _session(sub: onnx.ModelProto, ref: TableRef, base_dir: Path | None, op_type: str) -> tuple[Any, list[Any]]:
+    """An onnxruntime session of ``sub`` (one thread, no graph optimizations) and the OrtValues it reads.
+
+    Initializers stored as external data are memory-mapped and handed over with ``add_initializer``.
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    keep_alive = []
+    for i, tensor in enumerate(sub.graph.initializer):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            array = initializer_array(tensor, base_dir)
+            sub.graph.initializer[i].CopyFrom(_placeholder(tensor, array))
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            keep_alive.append(value)
+            opts.add_initializer(tensor.name, value)
+    try:
+        session = ort.InferenceSession(sub.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ParityError(f"onnxruntime cannot run the {op_type} of table {ref.initializer!r}: {exc}") from exc
+    return session, keep_alive

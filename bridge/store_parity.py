@@ -20,11 +20,13 @@ def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, L
     """``{table: ids -> vectors}`` running each table's own Gather of the ONNX model in onnxruntime.
 
     The model is ``model_path`` or the store's ``model.onnx``; tables are matched by
-    initializer name. Tables whose Gather cannot be cut out (e.g. inside a Loop body) are skipped.
+    initializer name. A table the model only reads with ``Slice`` (a position table) is served by its own
+    Slice over all rows, indexed by the ids (:func:`bridge.onnx_reference.onnx_slice_reference`). Tables
+    whose Gather or Slice cannot be cut out (e.g. inside a Loop body) are skipped.
     """
     from bridge.errors import UnsupportedError
     from bridge.onnx_io import load_model
-    from bridge.onnx_reference import onnx_gather_reference
+    from bridge.onnx_reference import onnx_gather_reference, onnx_slice_reference
     from bridge.scan import scan
 
     path = model_path or (store.path / "model.onnx")
@@ -37,8 +39,9 @@ def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, L
         ref = refs.get(store.entry(name).get("initializer") or "")
         if ref is None:
             continue
+        build = onnx_gather_reference if ref.gathers or not ref.slices else onnx_slice_reference
         try:
-            out[name] = onnx_gather_reference(model, ref, path.parent)
+            out[name] = build(model, ref, path.parent)
         except UnsupportedError:
             continue
     return out
