@@ -104,8 +104,10 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
     """Each ``out=`` adapter against the fastest (round-robin median) raw call of its framework and thread count.
 
     Both run with the raw call's ``inner``, in adjacent pairs of samples (:func:`benchmarks.harness.paired`).
+    Each raw call is also paired with itself, once per cell: the ``noise_*`` fields, the spread the method
+    shows where the work is identical (an A/A control), to read the adapter's ratio against.
     """
-    rows = []
+    rows, controls = [], {}
     for adapter in variants:
         if adapter.kind != "adapter" or adapter.form != "out" or adapter.name not in bounds:
             continue
@@ -119,9 +121,13 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
         count = plan_samples(estimate, inner, repeats=cfg.pairs, min_repeats=cfg.min_pairs,
                              budget_s=cfg.variant_budget_s, limit=Limits())
         p = paired(bounds[adapter.name], bounds[raw], inner, count)
+        if raw not in controls:
+            controls[raw] = paired(bounds[raw], bounds[raw], inner, count)
+        noise = controls[raw]
         rows.append({"adapter": adapter.name, "raw": raw, "ratio": p.ratio, "ratio_q1": p.q1, "ratio_q3": p.q3,
                      "cpu_ratio": p.cpu_ratio, "adapter_median_s": p.a_median, "raw_median_s": p.b_median,
-                     "pairs": p.pairs, "inner": p.inner})
+                     "pairs": p.pairs, "inner": p.inner, "noise_ratio": noise.ratio, "noise_q1": noise.q1,
+                     "noise_q3": noise.q3})
     return rows
 
 

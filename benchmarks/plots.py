@@ -8,7 +8,8 @@
   adapters writing into ``out=``, the fastest raw call of each framework, and ``np.take``.
 - ``pairs.png``: the paired comparisons (``doc["pairs"]``): each ``out=`` adapter's time over its
   framework's fastest raw call, median and quartiles of the per-pair ratios, per cell, against the
-  1.10x target; a note instead when the run had no cell of ``paired_min_batch`` ids.
+  1.10x target, next to that raw call timed against itself (grey); a note instead when the run had no
+  cell of ``paired_min_batch`` ids.
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ def _pairs(plt: Any, doc: dict[str, Any]) -> Any:
         spread = [[r["ratio"] - r["ratio_q1"] for r in rows], [r["ratio_q3"] - r["ratio"] for r in rows]]
         ax.errorbar(xs, ratios, yerr=spread, fmt="o", markersize=4, capsize=2, label=name,
                     color=plt.cm.tab10.colors[k % 10])
+        noise = [r["noise_ratio"] for r in rows]  # the same method on identical work: the raw call against itself
+        noise_spread = [[r["noise_ratio"] - r["noise_q1"] for r in rows],
+                        [r["noise_q3"] - r["noise_ratio"] for r in rows]]
+        ax.errorbar([x + 0.35 * width for x in xs], noise, yerr=noise_spread, fmt="x", markersize=3, capsize=1,
+                    color="0.6", linewidth=0.8, label="its raw call against itself" if k == 0 else None)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(PARITY_MAX_RATIO, color="tab:red", linestyle="--", linewidth=0.9,
                label=f"target {PARITY_MAX_RATIO:.2f}x")
@@ -153,7 +159,7 @@ def _pairs(plt: Any, doc: dict[str, Any]) -> Any:
     ax.set_xticklabels([f"{t}\n{d}\n{_short(b)}" for t, d, b in cells], fontsize=7)
     ax.set_ylabel("adapter time / fastest raw call", fontsize=8)
     ax.set_title("Adapters (out=) against their framework's fastest raw call: median of paired ratios, "
-                 "quartiles as bars", fontsize=9)
+                 "quartiles as bars (grey x: the raw call against itself, the noise floor)", fontsize=9)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=6, loc="upper right", ncol=2)
     fig.tight_layout()

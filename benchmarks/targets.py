@@ -66,7 +66,8 @@ def _parity(pairs: list[dict[str, Any]], variants: dict[str, dict[str, Any]]) ->
         mine = [p for p in pairs if p["adapter"] == name]
         worst = max(mine, key=lambda p: p["ratio"], default=None)
         detail = (f"worst of {len(mine)} cell(s): {worst['table']}/{worst['distribution']}/batch {worst['batch']:,} "
-                  f"against {worst['raw']}" if worst is not None else
+                  f"against {worst['raw']} (that call against itself: {worst['noise_ratio']:.2f}x, quartiles "
+                  f"{worst['noise_q1']:.2f}-{worst['noise_q3']:.2f})" if worst is not None else
                   f"not measured (needs batch >= {PAIRED_MIN_BATCH:,}, the adapter and a raw {v['framework']} call)")
         found.append(_target(f"large-batch-{name}", f"{name} / fastest raw {v['framework']} call "
                              f"({v['threads']} thread(s)), paired, batch >= {PAIRED_MIN_BATCH:,}", "<=",

@@ -111,6 +111,7 @@ def test_out_adapters_are_paired_with_their_fastest_raw_call(
         assert medians[(p["raw"], p["distribution"], 65536)] == min(medians[(n, p["distribution"], 65536)]
                                                                      for n in peers)
         assert 0 < p["ratio_q1"] <= p["ratio"] <= p["ratio_q3"]
+        assert 0 < p["noise_q1"] <= p["noise_ratio"] <= p["noise_q3"]
         assert 2 <= p["pairs"] <= 7 and p["inner"] >= 1
     targets = {t["name"]: t for t in doc["targets"]}
     for name in out_adapters:
