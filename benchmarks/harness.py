@@ -12,7 +12,8 @@ from __future__ import annotations
 import gc
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,6 +142,19 @@ def plan_samples(estimate: float, inner: int, *, repeats: int, min_repeats: int,
     return max(1, wanted)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect garbage, then keep the collector off while the block times samples (restored after)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def round_robin(
     bounds: Mapping[str, Bound],
     plans: Mapping[str, tuple[int, int]],
@@ -152,10 +166,7 @@ def round_robin(
     names = list(bounds)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     rounds = max((plans[n][1] for n in names), default=0)
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         for r in range(rounds):
             order = names[r % len(names):] + names[: r % len(names)]
             for name in order:
@@ -164,9 +175,6 @@ def round_robin(
                     times[name].append(time_sample(bounds[name], inner))
                     if bounds[name].settle:
                         settle()
-    finally:
-        if was_enabled:
-            gc.enable()
     return {name: summarize(times[name], plans[name][0]) for name in names}
 
 
@@ -196,10 +204,7 @@ def paired(a: Bound, b: Bound, inner: int, pairs: int) -> PairStats:
     adjacent samples of equal length does not, and alternating the order cancels a first-or-second bias.
     """
     samples: list[tuple[tuple[float, float], tuple[float, float]]] = []
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         for i in range(pairs):
             got = {}
             for name, bound in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
@@ -207,9 +212,6 @@ def paired(a: Bound, b: Bound, inner: int, pairs: int) -> PairStats:
                 if bound.settle:
                     settle()
             samples.append((got["a"], got["b"]))
-    finally:
-        if was_enabled:
-            gc.enable()
     ratios = [sa[0] / sb[0] for sa, sb in samples]
     cpu_ratios = [sa[1] / max(sb[1], 1e-12) for sa, sb in samples]
     q1, med, q3 = np.percentile(ratios, [25, 50, 75])

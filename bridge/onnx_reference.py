@@ -53,13 +53,15 @@ def _find_reader(graph: onnx.GraphProto, ref: TableRef, uses: tuple[Use, ...], o
     )
 
 
-def _constant_chain(graph: onnx.GraphProto, data_input: str) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """Nodes and initializers computing ``data_input`` from constants only (in graph order)."""
+def _constant_chain(graph: onnx.GraphProto, *values: str, reader: str = "Gather"
+                    ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """Nodes and initializers computing ``values`` (inputs of the table's ``reader``) from constants only,
+    each once, in graph order."""
     producers = {out: node for node in graph.node for out in node.output}
     inits = {t.name: t for t in graph.initializer}
     nodes: dict[int, onnx.NodeProto] = {}
     needed_inits: dict[str, onnx.TensorProto] = {}
-    stack = [data_input]
+    stack = list(values)
     while stack:
         name = stack.pop()
         if not name or name in needed_inits:
@@ -72,7 +74,8 @@ def _constant_chain(graph: onnx.GraphProto, data_input: str) -> tuple[list[onnx.
                 nodes[id(node)] = node
                 stack.extend(node.input)
         else:
-            raise UnsupportedError(f"the Gather data {data_input!r} depends on the non-constant value {name!r}")
+            raise UnsupportedError(f"the {reader} input(s) {', '.join(map(repr, values))} depend on the "
+                                   f"non-constant value {name!r}")
     order = {id(n): i for i, n in enumerate(graph.node)}
     return sorted(nodes.values(), key=lambda n: order[id(n)]), list(needed_inits.values())
 
@@ -224,12 +227,8 @@ def slice_submodel(model: onnx.ModelProto, ref: TableRef) -> onnx.ModelProto:
     """
     graph = next(g for path, g in iter_graphs(model) if path == ref.graph)
     node = _find_reader(graph, ref, ref.slices, "Slice")
-    nodes, inits = _constant_chain(graph, node.input[0])
-    for name in list(node.input[1:2]) + list(node.input[3:5]):  # starts, axes, steps (constants)
-        if name:
-            more_nodes, more_inits = _constant_chain(graph, name)
-            nodes += [n for n in more_nodes if all(n is not m for m in nodes)]
-            inits += [t for t in more_inits if all(t.name != u.name for u in inits)]
+    # data, starts, axes, steps (the ends are replaced below)
+    nodes, inits = _constant_chain(graph, *node.input[:2], *node.input[3:5], reader="Slice")
     sliced = _renamed(node, {node.output[0]: "vectors"})
     if len(node.input) > 2:  # opset >= 10: ends is an input, of the starts' type (tf2onnx writes int32)
         sliced.input[2] = "open_ends"
@@ -242,8 +241,6 @@ def slice_submodel(model: onnx.ModelProto, ref: TableRef) -> onnx.ModelProto:
         for attribute in sliced.attribute:
             if attribute.name == "ends":
                 attribute.ints[:] = [_OPEN_END] * len(attribute.ints)
-    order = {id(n): i for i, n in enumerate(graph.node)}
-    nodes.sort(key=lambda n: order.get(id(n), len(order)))
     sub = helper.make_graph([*nodes, sliced], "slice_reference", [], [onnx.ValueInfoProto(name="vectors")],
                             initializer=inits)
     return _typed_model(model, sub, ref, "Slice")

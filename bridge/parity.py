@@ -314,11 +314,10 @@ def _compare_run(
     if isinstance(expected, np.ndarray) and isinstance(got, np.ndarray):
         return compare(expected, got, ids, atol=tol[0], rtol=tol[1], **meta)
     tolerance = None if tol == (None, None) else (float(tol[0] or 0.0), float(tol[1] or 0.0))
-    both = isinstance(expected, str) and isinstance(got, str)
     if isinstance(expected, str) and isinstance(got, str):
-        detail = f"both raised ({got.split(':')[0]})"
+        both, detail = True, f"both raised ({got.split(':')[0]})"
     else:
-        detail = f"candidate raised {got}" if isinstance(got, str) else f"reference raised {expected}"
+        both, detail = False, f"candidate raised {got}" if isinstance(got, str) else f"reference raised {expected}"
     first = None if both or not ids.size else int(ids.reshape(-1)[0])
     return Comparison(
         table=meta["table"], backend=meta["backend"], reference=meta["reference_name"], passed=both,
