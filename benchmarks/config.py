@@ -50,8 +50,9 @@ class BenchConfig:
     cell. Variants are visited round-robin, one sample each per round.
 
     Cells of at least ``paired_min_batch`` ids then time each ``out=`` adapter against the fastest raw call
-    of its framework in ``pairs`` adjacent pairs of samples (fewer, but at least ``min_pairs``, where that
-    would take more than ``variant_budget_s``); see :func:`benchmarks.harness.paired`.
+    of its framework in ``pairs`` adjacent pairs of samples lasting about ``pair_sample_s`` each (fewer
+    pairs, but at least ``min_pairs``, once ``variant_budget_s`` is spent); see
+    :func:`benchmarks.harness.paired`.
     """
 
     mode: str = "full"
@@ -64,8 +65,9 @@ class BenchConfig:
     sample_s: float = 0.01
     warmup_s: float = 0.05
     variant_budget_s: float = 3.0
-    pairs: int = 15
-    min_pairs: int = 5
+    pairs: int = 100
+    min_pairs: int = 12
+    pair_sample_s: float = 0.001
     paired_min_batch: int = PAIRED_MIN_BATCH
     seed: int = 0
     tensorflow: bool = True
@@ -91,6 +93,8 @@ class BenchConfig:
             raise InputError("repeats and min_repeats must be >= 1")
         if self.pairs < 1 or self.min_pairs < 1:
             raise InputError("pairs and min_pairs must be >= 1")
+        if self.sample_s <= 0 or self.pair_sample_s <= 0:
+            raise InputError("sample_s and pair_sample_s must be > 0 seconds")
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -112,7 +116,7 @@ def quick_config(*, large: bool = False, **changes: Any) -> BenchConfig:
     tables = (SMALL, MEDIUM, LARGE) if large else (SMALL, MEDIUM)
     base = BenchConfig(
         mode="quick", tables=tables, batches=QUICK_BATCHES, repeats=4, min_repeats=3, sample_s=0.003,
-        warmup_s=0.01, variant_budget_s=0.3, pairs=7, min_pairs=3, keras_max_batch=256, gensim_max_batch=4096,
+        warmup_s=0.01, variant_budget_s=0.3, pairs=16, min_pairs=6, keras_max_batch=256, gensim_max_batch=4096,
         token_repeats=2,
     )
     return replace(base, **changes)

@@ -196,16 +196,23 @@ class PairStats:
     inner: int
 
 
-def paired(a: Bound, b: Bound, inner: int, pairs: int) -> PairStats:
-    """Time ``a`` and ``b`` back to back ``pairs`` times, ``a`` first in even pairs and ``b`` first in odd.
+def paired(a: Bound, b: Bound, inner: int, pairs: int, *, budget_s: float | None = None,
+           min_pairs: int = 2) -> PairStats:
+    """Time ``a`` and ``b`` back to back in up to ``pairs`` pairs, ``a`` first in even pairs and ``b`` first in odd.
 
     A ratio of two medians taken across a long round-robin mixes in whatever the machine did between the
     two samples (another variant's cache footprint, a neighbour's burst); a ratio taken within one pair of
     adjacent samples of equal length does not, and alternating the order cancels a first-or-second bias.
+    Many short pairs beat a few long ones: a burst spoils one pair, which the median ignores, instead of
+    shifting a long sample. With ``budget_s``, pairs stop once that many seconds (settling included) are
+    spent and at least ``min_pairs`` are taken; the count taken is always even, so each order has half.
     """
     samples: list[tuple[tuple[float, float], tuple[float, float]]] = []
+    start = time.perf_counter()
     with gc_paused():
         for i in range(pairs):
+            if budget_s is not None and i >= min_pairs and i % 2 == 0 and time.perf_counter() - start > budget_s:
+                break
             got = {}
             for name, bound in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
                 got[name] = time_sample(bound, inner)
@@ -217,7 +224,7 @@ def paired(a: Bound, b: Bound, inner: int, pairs: int) -> PairStats:
     q1, med, q3 = np.percentile(ratios, [25, 50, 75])
     return PairStats(float(med), float(q1), float(q3), float(np.median(cpu_ratios)),
                      float(np.median([sa[0] for sa, _ in samples])), float(np.median([sb[0] for _, sb in samples])),
-                     pairs, inner)
+                     len(samples), inner)
 
 
 def loop_overhead(calls: int = 200_000) -> float:

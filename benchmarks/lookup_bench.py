@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 
 from benchmarks.config import BenchConfig, TableSpec
 from benchmarks.data import make_ids, make_store_table
-from benchmarks.harness import Bound, Limits, Stats, calibrate, paired, plan_samples, round_robin
+from benchmarks.harness import Bound, Stats, calibrate, paired, plan_samples, round_robin
 from benchmarks.machine import CpuMonitor
 from benchmarks.variants import Binder, Cell, TableContext, Variant
 
@@ -103,7 +104,7 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
               plans: dict[str, tuple[int, int]], stats: dict[str, Stats]) -> list[dict[str, Any]]:
     """Each ``out=`` adapter against the fastest (round-robin median) raw call of its framework and thread count.
 
-    Both run with the raw call's ``inner``, in adjacent pairs of samples (:func:`benchmarks.harness.paired`).
+    Both run in adjacent pairs of short samples (``cfg.pair_sample_s``; :func:`benchmarks.harness.paired`).
     Each raw call is also paired with itself, once per cell: the ``noise_*`` fields, the spread the method
     shows where the work is identical (an A/A control), to read the adapter's ratio against.
     """
@@ -116,13 +117,11 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
         if not peers:
             continue
         raw = min(peers, key=lambda name: stats[name].median)
-        inner = plans[raw][0]
-        estimate = stats[adapter.name].median + stats[raw].median  # one pair
-        count = plan_samples(estimate, inner, repeats=cfg.pairs, min_repeats=cfg.min_pairs,
-                             budget_s=cfg.variant_budget_s, limit=Limits())
-        p = paired(bounds[adapter.name], bounds[raw], inner, count)
+        inner = max(1, round(cfg.pair_sample_s / max(stats[raw].median, 1e-9)))
+        pair = partial(paired, inner=inner, pairs=cfg.pairs, budget_s=cfg.variant_budget_s, min_pairs=cfg.min_pairs)
+        p = pair(bounds[adapter.name], bounds[raw])
         if raw not in controls:
-            controls[raw] = paired(bounds[raw], bounds[raw], inner, count)
+            controls[raw] = pair(bounds[raw], bounds[raw])
         noise = controls[raw]
         rows.append({"adapter": adapter.name, "raw": raw, "ratio": p.ratio, "ratio_q1": p.q1, "ratio_q3": p.q3,
                      "cpu_ratio": p.cpu_ratio, "adapter_median_s": p.a_median, "raw_median_s": p.b_median,

@@ -112,7 +112,7 @@ def test_out_adapters_are_paired_with_their_fastest_raw_call(
                                                                      for n in peers)
         assert 0 < p["ratio_q1"] <= p["ratio"] <= p["ratio_q3"]
         assert 0 < p["noise_q1"] <= p["noise_ratio"] <= p["noise_q3"]
-        assert 2 <= p["pairs"] <= 7 and p["inner"] >= 1
+        assert 6 <= p["pairs"] <= 16 and p["pairs"] % 2 == 0 and p["inner"] >= 1
     targets = {t["name"]: t for t in doc["targets"]}
     for name in out_adapters:
         assert targets[f"large-batch-{name}"]["value"] == max(p["ratio"] for p in doc["pairs"] if p["adapter"] == name)
@@ -134,6 +134,15 @@ def test_paired_alternates_the_order_and_measures_the_ratio() -> None:
     assert stats.pairs == 6 and stats.inner == 5
     assert 1.5 < stats.ratio < 2.6 and stats.q1 <= stats.ratio <= stats.q3
     assert 380e-6 < stats.a_median and 190e-6 < stats.b_median < stats.a_median
+
+
+def test_paired_stops_at_its_budget_after_an_even_number_of_pairs() -> None:
+    calls: list[str] = []
+    a = Bound(call=lambda: spin(1e-3), enter=lambda: calls.append("a"))
+    b = Bound(call=lambda: spin(1e-3), enter=lambda: calls.append("b"))
+    spent = paired(a, b, inner=1, pairs=100, budget_s=0.0, min_pairs=3)  # budget spent at once: stop after 4
+    assert spent.pairs == 4 and calls == ["a", "b", "b", "a"] * 2
+    assert paired(a, b, inner=1, pairs=3).pairs == 3  # no budget: exactly as many pairs as asked
 
 
 def test_tokens_section(run: tuple[dict[str, Any], Path, dict[str, Path]]) -> None:
