@@ -10,6 +10,9 @@ Exporters store a tied projection in one of three ways (measured, see DESIGN.md)
 * ``"shared"``: the table's own constant read by the projection (``Gemm(transB=1)`` from the
   torch exporters on 2-D activations, ``Transpose -> MatMul``).
 
+Between the constant and the projection the walk follows ``Identity``, ``Transpose`` (swapping the
+two axes) and ``Cast`` (a mixed-precision head computing in another dtype reads the same table).
+
 Only constants whose shape and dtype fit a table are read; a few sampled rows are compared first
 and the whole constant only when they agree, chunk by chunk, bit for bit (``-0.0`` and NaN
 payloads included). External data is memory-mapped, so rejecting a candidate reads a few rows; an
@@ -33,6 +36,7 @@ from bridge.scan import TableRef, Use, table_tensor
 
 _Key = tuple[str, str]  # (graph path where the constant is defined, name)
 _PROJECTIONS = frozenset({"MatMul", "Gemm"})
+_SAME_VALUES = frozenset({"Identity", "Cast"})  # pass the table's values on (Cast: in another dtype)
 _DOMAINS = frozenset({"", "ai.onnx"})
 _MAX_CHAIN = 16
 _CHUNK_BYTES = 16 << 20
@@ -45,7 +49,7 @@ LAYOUTS = ("shared", "transposed", "copy")
 class Tie:
     """A projection tied to table ``table``: the constant ``initializer`` (defined in graph ``graph``)
     holds the table's values in ``layout``, and ``consumers`` are the MatMul/Gemm nodes reading it
-    (``via`` lists Identity/Transpose nodes in between)."""
+    (``via`` lists the Identity/Transpose/Cast nodes in between, from the constant on)."""
 
     table: str
     initializer: str
@@ -162,7 +166,7 @@ def _wants_transposed(node: onnx.NodeProto, input_index: int) -> bool:
 
 def _operand(scope: tuple[_Frame, ...], node: onnx.NodeProto, position: int, input_index: int
              ) -> _Operand | None:
-    """Follow input ``input_index`` of ``node`` back through Identity/Transpose to a rank-2 constant."""
+    """Follow input ``input_index`` of ``node`` back through Identity/Transpose/Cast to a rank-2 constant."""
     if len(node.input) <= input_index or not node.input[input_index]:
         return None
     name, transposed = node.input[input_index], _wants_transposed(node, input_index)
@@ -180,7 +184,7 @@ def _operand(scope: tuple[_Frame, ...], node: onnx.NodeProto, position: int, inp
             return _Operand((path, name), item, transposed, use)
         if item.op_type == "Transpose" and _is_swap(item):
             transposed = not transposed
-        elif item.op_type != "Identity":
+        elif item.op_type not in _SAME_VALUES or item.domain not in _DOMAINS:
             return None
         via.append(item.op_type)
         name = item.input[0] if item.input else ""

@@ -78,6 +78,43 @@ def test_shared_initializer_like_torch_exporters(onnx_kit) -> None:
     assert ties_json([tie])[0]["consumers"][0]["role"] == "tied"
 
 
+@pytest.mark.parametrize("table_dtype, compute", [(np.float16, TensorProto.FLOAT), (np.float32, TensorProto.FLOAT16)])
+def test_tie_through_cast_like_a_mixed_precision_head(onnx_kit, table_dtype: type, compute: int) -> None:
+    """The head casts the table to the dtype it computes in (Transpose -> Cast -> MatMul): a shared tie."""
+    table = _table().astype(table_dtype)
+    head = [
+        helper.make_node("Cast", ["h"], ["h_c"], name="cast_h", to=compute),
+        helper.make_node("Transpose", ["W"], ["w_t"], name="tr", perm=[1, 0]),
+        helper.make_node("Cast", ["w_t"], ["w_c"], name="cast_w", to=compute),
+        helper.make_node("MatMul", ["h_c", "w_c"], ["l_c"], name="head"),
+        helper.make_node("Cast", ["l_c"], ["logits"], name="back", to=TensorProto.FLOAT),
+    ]
+    model = _lm(onnx_kit, table, head, [])
+    tie = _only_tie(model)
+    assert (tie.initializer, tie.layout) == ("W", "shared")
+    assert [(u.node, u.via) for u in tie.consumers] == [("head", ("Transpose", "Cast"))]
+    ids = np.array([1, V - 1], dtype=np.int64)
+    (logits,) = onnx_kit.run_ort(model, {"ids": ids})
+    want = table[ids].astype(np.float32) @ table.T.astype(np.float32)
+    np.testing.assert_allclose(logits, want, rtol=2e-2, atol=5e-2)  # arithmetic, partly in float16
+
+
+def test_cast_of_a_copy_is_a_copy_tie_and_other_ops_stop_the_walk(onnx_kit) -> None:
+    table = _table()
+    head = [
+        helper.make_node("Cast", ["W_T"], ["w16"], name="c", to=TensorProto.FLOAT16),
+        helper.make_node("Cast", ["w16"], ["w32"], name="c2", to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["h", "w32"], ["a"], name="mm"),
+        helper.make_node("Neg", ["W_T2"], ["neg"], name="neg"),
+        helper.make_node("MatMul", ["h", "neg"], ["b"], name="mm2"),
+        helper.make_node("Add", ["a", "b"], ["logits"], name="add"),
+    ]
+    inits = [onnx_kit.init("W_T", np.ascontiguousarray(table.T)), onnx_kit.init("W_T2", np.ascontiguousarray(table.T))]
+    tie = _only_tie(_lm(onnx_kit, table, head, inits))
+    assert (tie.initializer, tie.layout, tie.consumers[0].node, tie.consumers[0].via) == (
+        "W_T", "transposed", "mm", ("Cast", "Cast"))
+
+
 def test_wrong_orientation_is_not_a_tie(onnx_kit) -> None:
     """A square table: a copy equal to W (not W.T) fed as MatMul's right operand is h @ W, not h @ W.T."""
     table = _table(D, D)
