@@ -18,10 +18,10 @@ against 1.4 us for ``np.take(out=, mode="clip")``, 2.4 us for ``torch.index_sele
 for onnxruntime's ``run_with_ortvaluevector``. Without ``out=`` a large batch pays for its new output:
 the kernel zeroes every fresh page on first touch, so the call costs 1.4-4x one into a reused buffer
 (1M ids x 256 float32: 0.31-0.37 s instead of 0.23-0.25 s). Callers serving large batches should pass a
-reused ``out=``; with it every backend runs within a few percent of its framework's own call: the policy's
-pass over the ids (one read of them, 2-8% of a gather from a cached table at 65,536 ids) is the
-difference, and a backend whose framework refuses out-of-range ids itself (torch) skips that pass for
-large batches of int32/int64 ids (:meth:`Lookup._try_unchecked`).
+reused ``out=``; with it every backend runs within a few percent of its framework's own call. The
+difference is the policy's pass over the ids: one read of them from memory, 6-11% of a gather from a
+cached table at 65,536 ids. A backend whose framework refuses out-of-range ids itself (torch) skips that
+pass for large batches of int32/int64 ids (:meth:`Lookup._try_unchecked`).
 
 Errors: a call that raises :class:`IdError` may leave ``out=`` partly written (as torch and onnxruntime
 do themselves); every other outcome is the same on every backend.
@@ -230,7 +230,7 @@ class Lookup(ABC):
     def _try_unchecked(self, ids: np.ndarray, out: np.ndarray | None) -> np.ndarray | None:
         """Gather many int32/int64 ids with the framework's own bounds check instead of the policy's pass.
 
-        A separate pass over a large batch of ids reads them from memory once more (5-15% of a gather from
+        A separate pass over a large batch of ids reads them from memory once more (6-11% of a gather from
         a cached table). A framework that refuses every id outside ``[0, rows)`` itself, negative ones
         included, and never reads outside the table, makes that pass redundant for valid ids:
         :meth:`_gather_or_refuse` returns False when it refused one, and the call then takes the general

@@ -19,7 +19,7 @@ buffer; without ``out=`` that buffer is new on every call, and its fresh pages c
 the gather itself (pass a reused ``out=`` for large batches). ``index_select`` checks every id against
 ``[0, rows)`` itself (negative ids included) and raises IndexError before reading outside the table, so
 large batches of int32/int64 ids skip the index policy's own pass over them (one more read of 512 KiB
-at 65,536 int64 ids, 5-15% of the gather from a cached table): when torch refuses an id, the call
+at 65,536 int64 ids, 6-11% of the gather from a cached table): when torch refuses an id, the call
 takes the general path, which applies the policy (see :meth:`~bridge.backends.base.Lookup._try_unchecked`).
 
 A quantized table is served dequantized: ``index_select`` on the integer table and on the scale (and
