@@ -105,13 +105,14 @@ def _load_keras_file(path: Path, safe_mode: bool) -> Any:
         with captured_logs():
             model = keras.saving.load_model(path, compile=False, safe_mode=safe_mode)
     except Exception as exc:  # noqa: BLE001 - Keras raises ValueError, TypeError, OSError, ...
-        raise _load_error(path, exc) from exc
+        raise load_error(path, exc) from exc
     if not isinstance(model, keras.Model):
         raise ModelFormatError(f"{str(path)!r} holds a {type(model).__name__}, not a keras.Model")
     return model
 
 
-def _load_error(path: Path, exc: Exception) -> Exception:
+def load_error(path: Path, exc: Exception) -> Exception:
+    """The library error for a Keras load failure: unsafe code, unknown custom classes, or anything else."""
     text = str(exc)
     if "safe_mode" in text:
         return InputError(

@@ -7,7 +7,8 @@ this module instead:
 1. reads ``config.json`` from the zip and maps ``model.weights.h5`` onto it: Keras 3 writes
    ``layers/<auto-name>/vars/<i>`` per layer (``vars.attrs["name"]`` is the layer's name) and a
    nested model's layers under ``layers/<auto-name>/layers/...``; anything else is "not understood"
-   and the caller falls back to the ordinary load with a warning;
+   and the caller falls back to the ordinary load with a warning (the layout itself is read by
+   :mod:`converters.keras_layout`);
 2. builds the **skeleton** straight from the config with Keras's own deserialization
    (``safe_mode`` honoured: a ``Lambda`` layer is still refused): every big float ``Embedding``
    gets ``input_dim = k`` (17, 18, ...), so no full table is ever allocated; small weights are
@@ -28,11 +29,9 @@ import copy
 import json
 import mmap
 import shutil
-import struct
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,52 +41,28 @@ import numpy as np
 from bridge.errors import ModelFormatError
 from bridge.render import human_bytes
 from converters.keras_env import captured_logs, import_keras
+from converters.keras_layout import (
+    LayerEntry,
+    LayoutError,
+    NotAnArchive,
+    OffsetFile,
+    StreamedTable,
+    big_tables,
+    data_offset,
+    entry_at,
+    layer_at,
+    match_layers,
+)
+from converters.keras_load import load_error
 from converters.keras_skeleton import LARGE_THRESHOLD, TF2ONNX_LIMIT, ShrunkTable, skeleton_pattern
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
 #: Rows filled per chunk when the full model's big tables are filled from h5.
 FILL_ROWS = 16_384
-_FLOATS = ("float16", "float32", "float64")
 
 __all__ = ["LayoutError", "StreamedKeras", "StreamedTable", "build_streamed_skeleton", "layer_at", "open_streamed",
            "stream_large"]
-
-
-class LayoutError(Exception):
-    """The ``.keras`` file's layout is not one this module understands (the caller falls back)."""
-
-
-class NotAnArchive(LayoutError):
-    """The file is no zip archive at all: a corrupt file, left to the ordinary loader to report."""
-
-
-@dataclass
-class StreamedTable:
-    """One big Embedding table kept out of Keras: where it sits in the h5 file and in the config."""
-
-    h5_path: str
-    config_paths: list[tuple[int, ...]]
-    layer_paths: list[str]
-    shape: tuple[int, int]
-    dtype: np.dtype[Any]
-    file_offset: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] * self.dtype.itemsize
-
-
-@dataclass
-class _Layer:
-    """A layer of the config matched to its h5 group."""
-
-    config_path: tuple[int, ...]
-    layer_path: str
-    entry: dict[str, Any]
-    h5_path: str
-    var_shapes: list[tuple[int, ...]]
-    var_dtypes: list[str]
 
 
 @dataclass
@@ -96,7 +71,7 @@ class StreamedKeras:
 
     path: Path
     config: dict[str, Any]
-    layers: list[_Layer]
+    layers: list[LayerEntry]
     tables: list[StreamedTable]
     weight_bytes: int
     safe_mode: bool
@@ -118,7 +93,7 @@ class StreamedKeras:
         import h5py
 
         if self.h5_span is not None:
-            return h5py.File(_OffsetFile(self.path, *self.h5_span), "r")
+            return h5py.File(OffsetFile(self.path, *self.h5_span), "r")
         return h5py.File(self.weights_file, "r")
 
     def build(self, rows: dict[str, int] | None = None) -> Any:
@@ -128,16 +103,14 @@ class StreamedKeras:
         config["compile_config"] = None
         for table in self.tables:
             for cpath in table.config_paths:
-                entry = _entry_at(config, cpath)["config"]
+                entry = entry_at(config, cpath)["config"]
                 entry["input_dim"] = (rows or {}).get(table.h5_path, table.shape[0])
                 entry["embeddings_initializer"] = "zeros"
         try:
             with captured_logs():
                 model = keras.saving.deserialize_keras_object(config, safe_mode=self.safe_mode)
         except Exception as exc:
-            from converters.keras_load import _load_error
-
-            raise _load_error(self.path, exc) from exc
+            raise load_error(self.path, exc) from exc
         if not isinstance(model, keras.Model):
             raise ModelFormatError(f"{str(self.path)!r} holds a {type(model).__name__}, not a keras.Model")
         self._restore_initializers(model)
@@ -147,7 +120,7 @@ class StreamedKeras:
         _, keras = import_keras()
         for table in self.tables:
             for cpath, lpath in zip(table.config_paths, table.layer_paths, strict=True):
-                original = _entry_at(self.config, cpath)["config"].get("embeddings_initializer")
+                original = entry_at(self.config, cpath)["config"].get("embeddings_initializer")
                 if original is not None:
                     layer_at(model, lpath).embeddings_initializer = keras.initializers.get(original)
 
@@ -215,21 +188,6 @@ def _fill(variable: Any, dataset: Any) -> None:
                                               value=dataset[start:stop])
 
 
-def layer_at(model: Any, path: str) -> Any:
-    """The layer at ``outer/inner`` (names of nested models, then the layer's name)."""
-    layer = model
-    for name in path.split("/"):
-        layer = layer.get_layer(name)
-    return layer
-
-
-def _entry_at(config: dict[str, Any], cpath: tuple[int, ...]) -> dict[str, Any]:
-    entry = config
-    for index in cpath:
-        entry = entry["config"]["layers"][index]
-    return entry
-
-
 # ----------------------------------------------------------------------------- opening the file
 
 
@@ -251,7 +209,7 @@ def open_streamed(path: Path, *, safe_mode: bool = True, min_rows: int = 17) -> 
         info = zf.getinfo(WEIGHTS_FILE)
         tmp, base = None, None
         if info.compress_type == zipfile.ZIP_STORED:
-            base = _data_offset(path, info)
+            base = data_offset(path, info)
         else:
             tmp = tempfile.TemporaryDirectory(prefix="embridge-keras-")
             with zf.open(info) as src, open(Path(tmp.name) / WEIGHTS_FILE, "wb") as dst:
@@ -260,113 +218,14 @@ def open_streamed(path: Path, *, safe_mode: bool = True, min_rows: int = 17) -> 
     streamed = StreamedKeras(path, config, [], [], 0, safe_mode, span, tmp)
     try:
         with streamed.open_h5() as h5:  # in place inside the zip (span), else the extracted copy (tmp)
-            streamed.layers = list(_match(config, h5, (), "", "")) if "layers" in h5 else []
-            streamed.tables = _big_tables(streamed.layers, h5, base or 0, min_rows)
+            streamed.layers = list(match_layers(config, h5, (), "", "")) if "layers" in h5 else []
+            streamed.tables = big_tables(streamed.layers, h5, base or 0, min_rows)
             streamed.weight_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for layer in streamed.layers
                                         for s, d in zip(layer.var_shapes, layer.var_dtypes, strict=True))
     except Exception:
         streamed.close()  # removes the extracted copy, if one was made
         raise
     return streamed
-
-
-def _data_offset(path: Path, info: zipfile.ZipInfo) -> int:
-    """Where a stored entry's bytes start in the archive (after its local header)."""
-    with open(path, "rb") as fh:
-        fh.seek(info.header_offset)
-        head = fh.read(30)
-    if head[:4] != b"PK\x03\x04":
-        raise LayoutError("bad local zip header")
-    name_len, extra_len = struct.unpack("<HH", head[26:30])
-    return info.header_offset + 30 + name_len + extra_len
-
-
-class _OffsetFile:
-    """A read-only file object over ``size`` bytes of ``path`` starting at ``base`` (for h5py)."""
-
-    def __init__(self, path: Path, base: int, size: int) -> None:
-        self._fh = open(path, "rb")  # noqa: SIM115 - closed by h5py through close()
-        self._base, self._size, self._pos = base, size, 0
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        self._pos = {0: pos, 1: self._pos + pos, 2: self._size + pos}[whence]
-        return self._pos
-
-    def tell(self) -> int:
-        return self._pos
-
-    def readinto(self, buf: Any) -> int:
-        view = memoryview(buf).cast("B")
-        want = max(0, min(len(view), self._size - self._pos))
-        self._fh.seek(self._base + self._pos)
-        got = self._fh.readinto(view[:want])
-        self._pos += got
-        return got
-
-    def read(self, n: int = -1) -> bytes:
-        n = self._size - self._pos if n < 0 else n
-        buf = bytearray(max(0, min(n, self._size - self._pos)))
-        return bytes(buf[: self.readinto(buf)])
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-def _children(entry: dict[str, Any]) -> list[dict[str, Any]] | None:
-    layers = entry.get("config", {}).get("layers") if isinstance(entry.get("config"), dict) else None
-    return layers if isinstance(layers, list) else None
-
-
-def _match(entry: dict[str, Any], h5: Any, cpath: tuple[int, ...], lpath: str, hpath: str) -> Iterator[_Layer]:
-    """Pair the model config ``entry``'s layers with the h5 groups under ``hpath/layers``, recursively."""
-    children = _children(entry)
-    if children is None:
-        raise LayoutError(f"config at {lpath or 'the model'} lists no layers")
-    by_name = {str(c.get("config", {}).get("name")): (i, c) for i, c in enumerate(children)}
-    group = h5[f"{hpath}/layers" if hpath else "layers"]
-    for key in group:
-        sub = f"{group.name.lstrip('/')}/{key}"
-        node = h5[sub]
-        if set(node) - {"vars", "layers"} or "vars" not in node:
-            raise LayoutError(f"h5 group {sub!r} holds {sorted(node)}")
-        name = str(node["vars"].attrs.get("name", ""))
-        if name not in by_name:
-            raise LayoutError(f"h5 group {sub!r} names layer {name!r}, not in the config")
-        index, child = by_name[name]
-        path = f"{lpath}/{name}" if lpath else name
-        vars_ = node["vars"]
-        keys = sorted(vars_, key=int) if all(k.isdigit() for k in vars_) else None
-        if keys is None:
-            raise LayoutError(f"h5 group {sub}/vars holds {sorted(vars_)}")
-        yield _Layer((*cpath, index), path, child, f"{sub}/vars", [tuple(vars_[k].shape) for k in keys],
-                     [str(vars_[k].dtype) for k in keys])
-        if "layers" in node:
-            yield from _match(child, h5, (*cpath, index), path, sub)
-
-
-def _is_plain_embedding(layer: _Layer, min_rows: int) -> bool:
-    entry = layer.entry
-    cfg = entry.get("config", {})
-    builtin = entry.get("class_name") == "Embedding" and str(entry.get("module", "")).startswith("keras")
-    quantized = isinstance(cfg.get("dtype"), dict) and "Quantized" in str(cfg["dtype"].get("class_name", ""))
-    return (builtin and not quantized and not cfg.get("lora_rank") and len(layer.var_shapes) == 1
-            and len(layer.var_shapes[0]) == 2 and layer.var_shapes[0][0] > min_rows
-            and layer.var_dtypes[0] in _FLOATS)
-
-
-def _big_tables(layers: list[_Layer], h5: Any, base: int, min_rows: int) -> list[StreamedTable]:
-    tables: list[StreamedTable] = []
-    for layer in layers:
-        if not _is_plain_embedding(layer, min_rows):
-            continue
-        dataset = h5[f"{layer.h5_path}/0"]
-        offset = dataset.id.get_offset()
-        if dataset.chunks is not None or dataset.compression or offset is None:
-            raise LayoutError(f"dataset {dataset.name} is chunked or compressed")
-        rows, dim = layer.var_shapes[0]
-        tables.append(StreamedTable(dataset.name.lstrip("/"), [layer.config_path], [layer.layer_path], (rows, dim),
-                                    np.dtype(layer.var_dtypes[0]), base + offset))
-    return tables
 
 
 def fallback_warning(path: Path, reason: str) -> None:
