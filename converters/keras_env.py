@@ -11,6 +11,8 @@ import contextlib
 import logging
 import os
 import re
+import sys
+import tempfile
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -22,6 +24,13 @@ from bridge.errors import UnsupportedError
 #: Loggers whose messages a conversion captures instead of printing.
 _QUIET_LOGGERS = ("tf2onnx", "tensorflow", "absl")
 _FCT = re.compile(r" \(fct=<.*?>\)")
+#: Notices TensorFlow's native code writes to stderr while it is imported, whatever TF_CPP_MIN_LOG_LEVEL
+#: says (TensorFlow 2.21 logs through absl before absl is initialized).
+_IMPORT_NOTICES = re.compile(
+    r"All log messages before absl::InitializeLog|oneDNN custom operations are on|cpu_feature_guard"
+    r"|This TensorFlow binary is optimized|Unable to register cu(?:DNN|FFT|BLAS) factory"
+    r"|computation placer already registered|TF-TRT Warning"
+)
 
 
 def legacy_keras_requested() -> bool:
@@ -39,11 +48,12 @@ def import_keras() -> tuple[ModuleType, ModuleType]:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        import tensorflow as tf
-        if legacy_keras_requested():
-            import tf_keras as keras
-        else:
-            import keras
+        with native_notices_dropped():
+            import tensorflow as tf
+            if legacy_keras_requested():
+                import tf_keras as keras
+            else:
+                import keras
     except ImportError as exc:
         extra = " and tf_keras (TF_USE_LEGACY_KERAS is set)" if legacy_keras_requested() else ""
         raise UnsupportedError(
@@ -59,6 +69,35 @@ def import_keras() -> tuple[ModuleType, ModuleType]:
     return tf, keras
 
 
+@contextlib.contextmanager
+def native_notices_dropped() -> Iterator[None]:
+    """Within the block, drop TensorFlow's start-up notices that native code writes to stderr.
+
+    File descriptor 2 points at a temporary file during the block; afterwards every line that is not
+    one of the known notices (:data:`_IMPORT_NOTICES`) is written to ``sys.stderr``, so errors and
+    anything unexpected still show (after the block instead of during it).
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no usable file descriptor 2 (embedded interpreters): leave it alone
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace")
+            kept = "".join(line for line in text.splitlines(keepends=True) if not _IMPORT_NOTICES.search(line))
+            if kept:
+                sys.stderr.write(kept)
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """A Keras 3 or Keras 2 tensor or variable as a NumPy array (bfloat16 as ml_dtypes.bfloat16)."""
     _, keras = import_keras()
@@ -72,7 +111,8 @@ def import_tf2onnx() -> ModuleType:
     """Return the ``tf2onnx`` module (after TensorFlow, so its import is quiet too)."""
     import_keras()
     try:
-        import tf2onnx
+        with native_notices_dropped():
+            import tf2onnx
     except ImportError as exc:
         raise UnsupportedError(f"the Keras converter needs tf2onnx ({exc}); pip install tf2onnx") from exc
     return tf2onnx

@@ -6,7 +6,6 @@ Trained for a few seconds, deterministically, on ``examples/data/reviews.tsv``.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,9 @@ def pad(texts: list[list[str]], length: int | None = None) -> np.ndarray:
 
 def build_and_train(epochs: int = 15, seed: int = 0) -> Any:
     """Build and train the classifier; returns the keras.Model (same weights for the same seed)."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
-    import tensorflow as tf
+    from converters.keras_env import import_keras  # TensorFlow and Keras, imported without start-up notices
+
+    tf, keras = import_keras()
 
     keras.utils.set_random_seed(seed)
     texts, labels = read_corpus()
