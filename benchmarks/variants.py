@@ -207,9 +207,12 @@ def _keep(out: np.ndarray, _alive: object) -> np.ndarray:
 # --- TensorFlow / Keras / gensim ---------------------------------------------------------------------
 
 def _tf() -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import tensorflow as tf
+    from converters.keras_env import native_notices_dropped
 
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with native_notices_dropped():  # TensorFlow 2.21 prints its start-up notices whatever the log level
+        import keras  # noqa: F401 - imported here so that its own notices are dropped too
+        import tensorflow as tf
     return tf
 
 
