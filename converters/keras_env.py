@@ -77,25 +77,46 @@ def native_notices_dropped() -> Iterator[None]:
     one of the known notices (:data:`_IMPORT_NOTICES`) is written to ``sys.stderr``, so errors and
     anything unexpected still show (after the block instead of during it).
     """
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no usable file descriptor 2 (embedded interpreters): leave it alone
+    saved = _duplicate_stderr()
+    if saved is None:  # no file descriptor 2 to redirect (an embedded interpreter): leave it alone
         yield
         return
-    with tempfile.TemporaryFile() as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = capture.read().decode("utf-8", errors="replace")
-            kept = "".join(line for line in text.splitlines(keepends=True) if not _IMPORT_NOTICES.search(line))
-            if kept:
-                sys.stderr.write(kept)
+    try:
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield
+            finally:
+                _flush_stderr()
+                os.dup2(saved, 2)
+                capture.seek(0)
+                _pass_on(capture.read().decode("utf-8", errors="replace"))
+    finally:
+        os.close(saved)
+
+
+def _duplicate_stderr() -> int | None:
+    _flush_stderr()
+    try:
+        return os.dup(2)
+    except OSError:
+        return None
+
+
+def _flush_stderr() -> None:
+    with contextlib.suppress(Exception):  # sys.stderr may be None (pythonw) or closed
+        sys.stderr.flush()
+
+
+def _pass_on(text: str) -> None:
+    """Write the lines of ``text`` that are not known start-up notices to stderr."""
+    kept = "".join(line for line in text.splitlines(keepends=True) if not _IMPORT_NOTICES.search(line))
+    if not kept:
+        return
+    if sys.stderr is not None:
+        sys.stderr.write(kept)
+    else:
+        os.write(2, kept.encode("utf-8", errors="replace"))
 
 
 def to_numpy(value: Any) -> np.ndarray:
