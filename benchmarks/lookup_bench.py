@@ -96,12 +96,12 @@ def run_cell(cfg: BenchConfig, ctx: TableContext, binders: dict[str, Binder], va
     stats = round_robin(bounds, plans)
     nbytes = batch * ctx.spec.dim * 4
     results = [{"variant": name, **where, **s.to_json(), "bytes_out": nbytes} for name, s in stats.items()]
-    pairs = run_pairs(cfg, variants, bounds, plans, stats) if batch >= cfg.paired_min_batch else []
+    pairs = run_pairs(cfg, variants, bounds, stats) if batch >= cfg.paired_min_batch else []
     return results, [{**p, **where} for p in pairs]
 
 
 def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound],
-              plans: dict[str, tuple[int, int]], stats: dict[str, Stats]) -> list[dict[str, Any]]:
+              stats: dict[str, Stats]) -> list[dict[str, Any]]:
     """Each ``out=`` adapter against the fastest (round-robin median) raw call of its framework and thread count.
 
     Both run in adjacent pairs of short samples (``cfg.pair_sample_s``; :func:`benchmarks.harness.paired`).
