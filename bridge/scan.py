@@ -48,7 +48,9 @@ from bridge.scan_patterns import (
 _Key = tuple[str, str]  # (graph path, value name)
 _Scope = tuple[tuple[str, frozenset[str] | None], ...]  # enclosing graphs, innermost last; None: main graph
 _MAX_CHAIN = 64
-_PASS_THROUGH = frozenset({"Identity", "Cast"})  # what constant_key looks through for a scale
+#: Ops that pass a constant's values on (Cast: in another dtype): constant_key looks through them
+#: for a scale, and bridge.ties for a tied projection.
+PASS_THROUGH = frozenset({"Identity", "Cast"})
 _READERS = frozenset({"Gather", "Slice"})  # ops whose use of a constant makes it worth classifying
 _SMALL = 64  # most elements a constant may have for its value to be read (Slice starts, axes, steps)
 
@@ -316,7 +318,7 @@ class _Index:
             if key in self.consts:
                 return key
             seq = self.producer(key)
-            if seq is None or self.node_op[seq] not in _PASS_THROUGH:
+            if seq is None or self.node_op[seq] not in PASS_THROUGH:
                 return None
             node = self.node(seq)
             name, scope = (node.input[0] if node.input else ""), self.scopes[self.node_graph[seq]]

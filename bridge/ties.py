@@ -32,11 +32,10 @@ import onnx
 
 from bridge.errors import UnsupportedError
 from bridge.onnx_io import initializer_array, node_label, subgraphs, tensor_dtype
-from bridge.scan import TableRef, Use, table_tensor
+from bridge.scan import PASS_THROUGH, TableRef, Use, table_tensor
 
 _Key = tuple[str, str]  # (graph path where the constant is defined, name)
 _PROJECTIONS = frozenset({"MatMul", "Gemm"})
-_SAME_VALUES = frozenset({"Identity", "Cast"})  # pass the table's values on (Cast: in another dtype)
 _DOMAINS = frozenset({"", "ai.onnx"})
 _MAX_CHAIN = 16
 _CHUNK_BYTES = 16 << 20
@@ -184,7 +183,7 @@ def _operand(scope: tuple[_Frame, ...], node: onnx.NodeProto, position: int, inp
             return _Operand((path, name), item, transposed, use)
         if item.op_type == "Transpose" and _is_swap(item):
             transposed = not transposed
-        elif item.op_type not in _SAME_VALUES or item.domain not in _DOMAINS:
+        elif item.op_type not in PASS_THROUGH or item.domain not in _DOMAINS:
             return None
         via.append(item.op_type)
         name = item.input[0] if item.input else ""
