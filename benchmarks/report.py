@@ -133,8 +133,10 @@ def to_markdown(doc: dict[str, Any]) -> str:
     """The whole report: run summary, targets, token lookups, then one latency table per table x distribution."""
     parts = [f"# Lookup benchmark ({doc['mode']} mode)", "", summary_lines(doc), "", "## Targets", ""]
     if doc["mode"].startswith("quick"):
-        parts += ["Quick mode takes short samples (`sample_s` = 3 ms, 7 pairs): its ratios move by 10-15% from run "
-                  "to run. It is a smoke test; judge the targets on a full run.", ""]
+        cfg = doc["config"]
+        parts += [f"Quick mode takes short samples (`sample_s` = {cfg['sample_s'] * 1e3:g} ms, at most {cfg['pairs']} "
+                  "pairs): its ratios move by 10-15% from run to run. It is a smoke test; judge the targets on a "
+                  "full run.", ""]
     parts.append(targets_table(doc["targets"]))
     if doc["pairs"]:
         parts += ["", "## Adapters against the fastest raw call of their framework, paired", "",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import operator
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -207,13 +206,9 @@ def _keep(out: np.ndarray, _alive: object) -> np.ndarray:
 # --- TensorFlow / Keras / gensim ---------------------------------------------------------------------
 
 def _tf() -> Any:
-    from converters.keras_env import native_notices_dropped
+    from converters.keras_env import import_keras  # quiet: log level set, start-up notices dropped
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    with native_notices_dropped():  # TensorFlow 2.21 prints its start-up notices whatever the log level
-        import keras  # noqa: F401 - imported here so that its own notices are dropped too
-        import tensorflow as tf
-    return tf
+    return import_keras()[0]
 
 
 def _tf_embedding_lookup(ctx: TableContext) -> Binder:
