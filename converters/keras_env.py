@@ -48,7 +48,7 @@ def import_keras() -> tuple[ModuleType, ModuleType]:
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        with native_notices_dropped():
+        with _first_import("tensorflow", "tf_keras" if legacy_keras_requested() else "keras"):
             import tensorflow as tf
             if legacy_keras_requested():
                 import tf_keras as keras
@@ -95,6 +95,14 @@ def native_notices_dropped() -> Iterator[None]:
         os.close(saved)
 
 
+def _first_import(*modules: str) -> contextlib.AbstractContextManager[None]:
+    """:func:`native_notices_dropped` while one of ``modules`` is still to be imported; a no-op afterwards
+    (``import_keras`` runs on every ``to_numpy``: no file-descriptor juggling there)."""
+    if all(name in sys.modules for name in modules):
+        return contextlib.nullcontext()
+    return native_notices_dropped()
+
+
 def _duplicate_stderr() -> int | None:
     _flush_stderr()
     try:
@@ -132,7 +140,7 @@ def import_tf2onnx() -> ModuleType:
     """Return the ``tf2onnx`` module (after TensorFlow, so its import is quiet too)."""
     import_keras()
     try:
-        with native_notices_dropped():
+        with _first_import("tf2onnx"):
             import tf2onnx
     except ImportError as exc:
         raise UnsupportedError(f"the Keras converter needs tf2onnx ({exc}); pip install tf2onnx") from exc
