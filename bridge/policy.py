@@ -40,6 +40,7 @@ _SMALL = 16  # up to this many ids, tolist() and sorted() beat ndarray reduction
 # native int32 / int64 (C int, long, long long): the id dtypes every backend gathers with as they are
 _GATHER_DTYPES = frozenset(np.dtype(c) for c in "ilq")
 _NDARRAY = np.ndarray  # one global lookup instead of two in IndexPolicy.fits, which runs on every call
+_MAXIMUM = np.maximum.reduce
 
 
 def as_ids(ids: Any) -> np.ndarray:
@@ -149,15 +150,18 @@ class IndexPolicy:
         return _all_in_range(ids.tolist(), self.rows)
 
     def in_range(self, ids: np.ndarray) -> bool:
-        """True if every id is in ``[0, rows)`` (``ids`` as returned by :func:`as_ids`)."""
-        if ids.size <= _SMALL and ids.ndim <= 1:  # sorted() on a list beats two ndarray reductions here
+        """True if every id is in ``[0, rows)`` (``ids`` as returned by :func:`as_ids`); True for no ids."""
+        size = ids.size
+        if size <= _SMALL and ids.ndim <= 1:  # sorted() on a list beats two ndarray reductions here
             values = ids.tolist()
             if type(values) is int:
                 return 0 <= values < self.rows
             return not values or _all_in_range(values, self.rows)
-        if ids.dtype.kind == "i":  # negatives viewed as unsigned are huge: one max() checks both ends
+        if not size:  # empty, 2-D or more: a reduction would raise (no identity)
+            return True
+        if ids.dtype.kind == "i":  # negatives viewed as unsigned are huge: one maximum checks both ends
             ids = ids.view(_UNSIGNED_BY_SIZE[ids.itemsize])
-        return int(ids.max()) < self.rows
+        return int(_MAXIMUM(ids, None)) < self.rows  # the ufunc's reduce: ndarray.max() adds 0.3 us of Python
 
     def apply(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Validate ``ids`` (from :func:`as_ids`) and return ``(safe_ids, zero_mask_or_None)``."""

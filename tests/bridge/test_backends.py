@@ -31,7 +31,7 @@ TABLE_DTYPES = {
     "bfloat16": np.dtype(ml_dtypes.bfloat16),
 }
 ID_DTYPES = [np.int32, np.int64, np.uint8, np.uint64]
-SHAPES = {"0d": (), "1d": (7,), "3d": (3, 5, 2), "empty": (0,)}
+SHAPES = {"0d": (), "1d": (7,), "3d": (3, 5, 2), "empty": (0,), "empty_2d": (0, 3), "empty_inner": (4, 0)}
 
 
 @pytest.fixture(params=list(FRAMEWORK))
