@@ -300,3 +300,38 @@ class Lookup(ABC):
     def _wrap(self, out: np.ndarray) -> Any:
         """The framework's own view of an output buffer (no copy); NumPy returns it unchanged."""
         return out
+
+
+class StagedLookup(Lookup):
+    """A backend that gathers small batches through per-thread staging buffers, large ones directly.
+
+    Up to ``SMALL_BYTES`` of output, :meth:`_stage` gathers into this thread's buffers for the ids' shape
+    (:class:`ThreadBuffers`, wrapped as framework objects once) and the rows are copied out: cheaper than
+    wrapping the caller's two arrays on every call. Larger batches go straight into the output with
+    :meth:`_gather_direct`. ``_setup`` sets ``_carrier`` (the dtype the framework reads the table as),
+    ``_same`` (whether that is the served dtype) and ``_row_bytes`` (bytes of one output row).
+    """
+
+    _carrier: np.dtype[Any]
+    _same: bool
+    _row_bytes: int
+
+    def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
+        if out.nbytes <= SMALL_BYTES:
+            (out if self._same else out.view(self._carrier))[...] = self._stage(ids)
+        else:
+            self._gather_direct(ids, out)
+
+    def _fresh(self, ids: np.ndarray) -> np.ndarray:
+        if ids.size * self._row_bytes > SMALL_BYTES:
+            return super()._fresh(ids)
+        rows = self._stage(ids).copy()  # one copy of the staged rows beats np.empty plus an assignment
+        return rows if self._same else rows.view(self.dtype)
+
+    @abstractmethod
+    def _stage(self, ids: np.ndarray) -> np.ndarray:
+        """Gather ``ids`` into this thread's staging output for their shape and return it (reused: copy it out)."""
+
+    @abstractmethod
+    def _gather_direct(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """:meth:`_gather` for a batch larger than ``SMALL_BYTES`` of output, straight into ``out``."""

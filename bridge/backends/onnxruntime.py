@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from bridge.backends.base import SMALL_BYTES, Lookup, ThreadBuffers, contiguous_data, require
+from bridge.backends.base import SMALL_BYTES, StagedLookup, ThreadBuffers, contiguous_data, require
 from bridge.backends.ort_dequant import dequant_model
 from bridge.errors import BackendError
 
@@ -80,7 +80,7 @@ def _options(ort: Any, threads: int) -> Any:
     return options
 
 
-class OnnxruntimeLookup(Lookup):
+class OnnxruntimeLookup(StagedLookup):
     """Gathers with an onnxruntime session (CPU, ``threads`` intra-op threads) into the output buffer."""
 
     backend: ClassVar[str] = "onnxruntime"
@@ -166,13 +166,7 @@ class OnnxruntimeLookup(Lookup):
                     "use backend='numpy' or 'torch', or onnxruntime 1.31"
                 )
 
-    def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
-        if out.nbytes <= SMALL_BYTES:
-            self._gather_small(ids, out)
-        else:
-            self._gather_large(ids, out)
-
-    def _gather_large(self, ids: np.ndarray, out: np.ndarray) -> None:
+    def _gather_direct(self, ids: np.ndarray, out: np.ndarray) -> None:
         ids64 = np.ascontiguousarray(ids, dtype=np.int64)  # >= 1-D; named: ORT reads it during the run
         dst = out if self._same else out.view(self._carrier)
         feeds = self._vector()
@@ -181,17 +175,7 @@ class OnnxruntimeLookup(Lookup):
         fetches.push_back(self._value(dst.reshape(1, -1) if ids.ndim == 0 else dst, self._elem))
         self._run(self._run_options, self._feed_names, feeds, self._fetch_names, fetches, self._devices)
 
-    def _gather_small(self, ids: np.ndarray, out: np.ndarray) -> None:
-        (out if self._same else out.view(self._carrier))[...] = self._stage(ids)
-
-    def _fresh(self, ids: np.ndarray) -> np.ndarray:
-        if ids.size * self._row_bytes > SMALL_BYTES:
-            return super()._fresh(ids)
-        rows = self._stage(ids).copy()  # one copy of the staged rows beats np.empty plus an assignment
-        return rows if self._same else rows.view(self.dtype)
-
     def _stage(self, ids: np.ndarray) -> np.ndarray:
-        """Run ``ids`` into this thread's staging buffer for their shape; return it (reused: copy it out)."""
         ids_buf, out_buf, feeds, fetches = self._staging.get(ids.shape)
         ids_buf[...] = ids
         self._run(self._run_options, self._feed_names, feeds, self._fetch_names, fetches, self._devices)

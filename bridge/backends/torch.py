@@ -33,11 +33,12 @@ recorded but not applied; this backend never changes global state.
 from __future__ import annotations
 
 import warnings
+from types import MethodType
 from typing import Any, ClassVar
 
 import numpy as np
 
-from bridge.backends.base import SMALL_BYTES, Lookup, ThreadBuffers, contiguous_data, require
+from bridge.backends.base import SMALL_BYTES, Lookup, StagedLookup, ThreadBuffers, contiguous_data, require
 
 # table dtype name -> (dtype torch reads from NumPy, torch dtype name of the result)
 _DTYPES: dict[str, tuple[str, str]] = {
@@ -65,7 +66,7 @@ def _shared(torch: Any, array: np.ndarray) -> Any:
         return torch.from_numpy(array)
 
 
-class TorchLookup(Lookup):
+class TorchLookup(StagedLookup):
     """Gathers with ``torch.index_select(weight, 0, ids, out=...)`` into the NumPy output buffer."""
 
     backend: ClassVar[str] = "torch"
@@ -103,7 +104,7 @@ class TorchLookup(Lookup):
                             quant.zero_point is not None and quant.zero_point.dtype == np.uint16)
         self._group_size = quant.group_size if quant.scheme == "group_affine" else None
         self._gather = self._gather_quantized  # type: ignore[method-assign]
-        self._fresh = super()._fresh  # type: ignore[method-assign]
+        self._fresh = MethodType(Lookup._fresh, self)  # type: ignore[method-assign]  # no staging buffers
 
     def _gather_quantized(self, ids: np.ndarray, out: np.ndarray) -> None:
         """``index_select`` of the integer rows and the scale (zero point) rows, then torch arithmetic."""
@@ -136,12 +137,6 @@ class TorchLookup(Lookup):
             return self._index_select(param, 0, ids_t).unsqueeze(-1)
         return param
 
-    def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
-        if out.nbytes <= SMALL_BYTES:  # copying through staging tensors beats two from_numpy calls
-            (out if self._same else out.view(self._carrier))[...] = self._stage(ids)
-            return
-        self._gather_direct(ids, out)
-
     def _gather_direct(self, ids: np.ndarray, out: np.ndarray) -> None:
         flat_ids = np.ascontiguousarray(ids).reshape(-1)
         dst = self._from_numpy((out if self._same else out.view(self._carrier)).reshape(self._flat_tail))
@@ -155,14 +150,7 @@ class TorchLookup(Lookup):
             return False
         return True
 
-    def _fresh(self, ids: np.ndarray) -> np.ndarray:
-        if ids.size * self._row_bytes > SMALL_BYTES:
-            return super()._fresh(ids)
-        rows = self._stage(ids).copy()  # one copy of the staged rows beats np.empty plus an assignment
-        return rows if self._same else rows.view(self.dtype)
-
     def _stage(self, ids: np.ndarray) -> np.ndarray:
-        """Gather ``ids`` into this thread's staging buffer for their shape; return it (reused: copy it out)."""
         ids_buf, out_buf, ids_t, out_t = self._staging.get(ids.shape)
         if ids.size == 1:  # one row: narrow_copy takes the id as an int (see the module docstring)
             self._narrow_copy(self.weight, 0, ids.item(), 1, out=out_t)

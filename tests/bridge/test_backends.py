@@ -581,7 +581,7 @@ def test_onnxruntime_start_up_probe_checks_both_paths() -> None:
             return self._staging.get(ids.shape)[1]  # the staging output, not run
 
     class LargeWritesNothing(OnnxruntimeLookup):
-        def _gather_large(self, ids: np.ndarray, out: np.ndarray) -> None:
+        def _gather_direct(self, ids: np.ndarray, out: np.ndarray) -> None:
             pass
 
     zeros = np.zeros((ROWS, DIM), np.float32)
