@@ -39,3 +39,10 @@ def storage_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     if dt.name in _EXTENSION:
         return _STORAGE[dt.itemsize]
     return dt.newbyteorder("<") if dt.byteorder == ">" else dt
+
+
+def is_storable(dtype: np.dtype[Any]) -> bool:
+    """True for the dtypes a store holds: numpy's bool, integer, float and complex types, and the
+    extension dtypes above (not strings, objects, datetimes, structured or other ml_dtypes types)."""
+    dt = np.dtype(dtype)
+    return dt.name in _EXTENSION or (dt.kind in "biufc" and dt.fields is None)

@@ -34,22 +34,36 @@ class WrittenArray:
 
 
 def write_npy(fh: BinaryIO, array: np.ndarray, *, desc: str = "writing") -> WrittenArray:
-    """Write ``array`` as a .npy file to ``fh`` in chunks, hashing as it goes."""
-    stored = np.ascontiguousarray(array).view(dtypes.storage_dtype(array.dtype))
+    """Write ``array`` as a .npy file to ``fh`` in chunks, hashing as it goes.
+
+    The file holds :func:`bridge.dtypes.storage_dtype`: the same values in little-endian byte order (a
+    big-endian array is byte-swapped chunk by chunk, never copied whole), or the bit pattern of an
+    extension dtype (bfloat16) as unsigned integers.
+    """
+    storage = dtypes.storage_dtype(array.dtype)
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(stored))
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(storage), "fortran_order": False, "shape": array.shape}
+    )
     head = header.getvalue()
     fh.write(head)
     digest = hashlib.sha256(head)
-    data_offset = len(head)
-    flat = stored.reshape(-1).view(np.uint8)
-    with byte_bar(flat.nbytes, desc) as bar:
-        for start in range(0, flat.nbytes, _CHUNK):
-            chunk = flat[start : start + _CHUNK]
+    flat = array.reshape(-1)  # a copy only if array is not contiguous
+    step = max(1, _CHUNK // max(1, array.dtype.itemsize))
+    with byte_bar(array.nbytes, desc) as bar:
+        for start in range(0, flat.size, step):
+            chunk = _stored(flat[start : start + step], storage)
             fh.write(chunk.data)
             digest.update(chunk.data)
             bar.update(chunk.nbytes)
-    return WrittenArray(digest.hexdigest(), data_offset, flat.nbytes, data_offset + flat.nbytes)
+    return WrittenArray(digest.hexdigest(), len(head), array.nbytes, len(head) + array.nbytes)
+
+
+def _stored(values: np.ndarray, storage: np.dtype[Any]) -> np.ndarray:
+    """``values`` as ``storage``: the same bits for an extension dtype, the same values otherwise (byte-swapped)."""
+    if values.dtype.isnative or values.dtype.byteorder == "|":
+        return np.ascontiguousarray(values).view(storage)
+    return np.ascontiguousarray(values, dtype=storage)
 
 
 def file_sha256(path: Path, *, desc: str | None = None) -> str:

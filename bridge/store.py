@@ -20,7 +20,7 @@ from typing import Any
 from bridge import dtypes
 from bridge import manifest as mf
 from bridge.atomic import atomic_directory
-from bridge.errors import BridgeError, StoreError, TableNotFoundError
+from bridge.errors import BridgeError, InputError, StoreError, TableNotFoundError
 from bridge.npyio import file_sha256, open_npy, verify_sha256, write_npy
 from bridge.paths import safe_child_path
 from bridge.quantization import Quantization
@@ -28,6 +28,7 @@ from bridge.table import EmbeddingTable, SourceRef
 from bridge.vocab import Vocabulary
 
 ExtraFile = bytes | Path
+_OWN_DIRS = ("tables", "vocab")  # the store's own folders (with manifest.json): no extra file goes there
 
 
 def write_store(
@@ -43,7 +44,7 @@ def write_store(
     Nothing appears at ``out_dir`` unless every file was written; an existing non-empty
     ``out_dir`` is refused unless ``force``, in which case it is replaced as a whole.
     """
-    _check_names(tables)
+    _check_inputs(tables, files)
     with atomic_directory(out_dir, force=force) as staging:
         manifest = build_store_files(staging, tables, provenance=provenance, files=files)
         (staging / mf.MANIFEST).write_bytes(mf.write_manifest_bytes(manifest))
@@ -79,6 +80,22 @@ def build_store_files(
         "vocabularies": vocab_entries,
         "files": {name: _write_extra(root, name, src) for name, src in (files or {}).items()},
     }
+
+
+def _check_inputs(tables: Sequence[EmbeddingTable], files: Mapping[str, ExtraFile] | None) -> None:
+    """Refuse what would make a store that cannot be read back: wrong types, repeated names, clashing files."""
+    if isinstance(tables, (str, bytes, EmbeddingTable)) or not isinstance(tables, Sequence):
+        raise InputError(f"tables must be a list of EmbeddingTable, got {type(tables).__name__}")
+    wrong = sorted({type(t).__name__ for t in tables if not isinstance(t, EmbeddingTable)})
+    if wrong:
+        raise InputError(f"tables must be a list of EmbeddingTable; it holds {', '.join(wrong)}: "
+                         "wrap each array as EmbeddingTable(name, data)")
+    _check_names(tables)
+    for name in files or {}:
+        parts = [p for p in str(name).replace("\\", "/").split("/") if p not in ("", ".")]
+        if parts == [mf.MANIFEST] or (len(parts) > 1 and parts[0] in _OWN_DIRS):
+            raise InputError(f"extra file {name!r} would overwrite the store's own {mf.MANIFEST}, tables/ or vocab/; "
+                             "give it another name")
 
 
 def _check_names(tables: Sequence[EmbeddingTable]) -> None:

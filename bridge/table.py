@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from bridge import dtypes
 from bridge.errors import InputError
 from bridge.quantization import Quantization
 from bridge.vocab import Vocabulary
@@ -53,6 +54,12 @@ class EmbeddingTable:
     quantization: Quantization | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.data, np.ndarray):
+            raise InputError(f"table {self.name!r}: data must be a numpy array, got {type(self.data).__name__}; "
+                             "pass np.asarray(data)")
+        if not dtypes.is_storable(self.data.dtype):
+            raise InputError(f"table {self.name!r} has dtype {self.data.dtype}; a table holds numbers (bool, int, "
+                             "uint, float, complex, bfloat16, float8): convert it with data.astype(...)")
         if self.data.ndim != 2:
             raise InputError(f"table {self.name!r} must be 2-D [rows, dim], got shape {tuple(self.data.shape)}")
         for label, idx in (("oov_id", self.oov_id), ("padding_id", self.padding_id)):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import ml_dtypes
@@ -12,7 +13,14 @@ import pytest
 
 import bridge.npyio
 from bridge import EmbeddingTable, SourceRef, Vocabulary, open_store, write_store
-from bridge.errors import ChecksumError, OutputExistsError, StoreError, TableNotFoundError, UnsafePathError
+from bridge.errors import (
+    ChecksumError,
+    InputError,
+    OutputExistsError,
+    StoreError,
+    TableNotFoundError,
+    UnsafePathError,
+)
 
 
 def _tables() -> list[EmbeddingTable]:
@@ -186,3 +194,39 @@ def test_store_gets_ordinary_permissions(tmp_path: Path) -> None:
     modes = {p.relative_to(tmp_path).as_posix(): p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
     assert modes["s"] == 0o755 and modes["s/tables"] == 0o755
     assert modes["s/manifest.json"] == 0o644 and modes["s/tables/pos.npy"] == 0o644
+
+
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i2", ">u8", "<f4"])
+def test_big_endian_table_keeps_its_values(tmp_path: Path, dtype: str) -> None:
+    """A byte-swapped array is stored as the same values in little-endian order, not reinterpreted."""
+    values = np.arange(-6, 6).reshape(3, 4) * 3
+    table = EmbeddingTable("t", values.astype(dtype)[:, ::-1])  # non-contiguous too
+    write_store(tmp_path / "s", [table])
+    got = open_store(tmp_path / "s")["t"].data
+    assert got.dtype == np.dtype(dtype).newbyteorder("<")
+    assert got.tobytes() == np.ascontiguousarray(values[:, ::-1], dtype=got.dtype).tobytes()
+
+
+def test_tables_must_be_numeric_arrays() -> None:
+    for data in (np.array([["a", "b"]]), np.zeros((2, 2), object), np.zeros((2, 2), [("x", "f4")]),
+                 np.zeros((2, 2), "M8[s]")):
+        with pytest.raises(InputError, match=f"has dtype {re.escape(str(data.dtype))}; a table holds numbers"):
+            EmbeddingTable("t", data)
+    with pytest.raises(InputError, match="data must be a numpy array, got list"):
+        EmbeddingTable("t", [[1.0, 2.0]])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tables", ["emb", np.ones((2, 2)), [np.ones((2, 2))]], ids=["str", "array", "list of arrays"])
+def test_write_store_refuses_what_is_not_tables(tmp_path: Path, tables: object) -> None:
+    with pytest.raises(InputError, match="tables must be a list of EmbeddingTable"):
+        write_store(tmp_path / "s", tables)  # type: ignore[arg-type]
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("name", ["manifest.json", "./manifest.json", "tables/t.npy", "vocab\\t.txt"])
+def test_extra_files_cannot_overwrite_the_store_files(tmp_path: Path, name: str) -> None:
+    with pytest.raises(InputError, match="would overwrite the store's own"):
+        write_store(tmp_path / "s", _tables(), files={name: b"x"})
+    assert not (tmp_path / "s").exists()
+    write_store(tmp_path / "s", _tables(), files={"tables.txt": b"x", "model.onnx": b"y"})
+    assert (open_store(tmp_path / "s").file_path("tables.txt")).read_bytes() == b"x"
