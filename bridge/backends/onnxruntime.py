@@ -159,11 +159,12 @@ class OnnxruntimeLookup(StagedLookup):
             out = np.empty((n, self.table.dim), self.dtype)
             out.view(np.uint8)[...] = 0xA5
             self._gather(np.zeros(n, np.int64), out)
-            if out[-1:].tobytes() != first.tobytes():
+            got = out[-1:].tobytes()
+            if got != first.tobytes():
+                what = ("did not write row 0 into the bound output buffer" if got == b"\xa5" * len(got) else
+                        "wrote a row 0 that differs from NumPy's (dequantized, for a quantized table)")
                 raise BackendError(
-                    f"onnxruntime {self._ort_version} did not write row 0 (dequantized, for a quantized table) "
-                    "into the bound output buffer; "
-                    "use backend='numpy' or 'torch', or onnxruntime 1.31"
+                    f"onnxruntime {self._ort_version} {what}; use backend='numpy' or 'torch', or onnxruntime 1.31"
                 )
 
     def _gather_direct(self, ids: np.ndarray, out: np.ndarray) -> None:

@@ -5,6 +5,15 @@ compute :mod:`bridge.quantization`'s formula in the same order (``Cast`` of the 
 output type, then ``Div``, or ``Sub`` and ``Mul``). Tables and per-row parameters are ``[1, ...]``
 placeholders overridden with ``SessionOptions.add_initializer`` (no copy), as for plain tables;
 per-tensor and per-column parameters are small and stored in the graph.
+
+A float16 output is computed in float32 and cast to float16 at the end. onnxruntime's CPU provider
+runs float16 arithmetic by wrapping it in casts to float32 and back, and then drops a graph's own
+``Cast(float32 -> float16)`` of a float32 scale next to the cast it inserted: the scale was never
+rounded to float16, and 24% of the values came out one unit in the last place away from NumPy's and
+torch's (onnxruntime 1.32). So the graph holds float16 values in float32 itself: a wider scale is cast
+to float16 and back (an explicit pair, which onnxruntime keeps), the 8-bit integers and their
+differences are exact in float32, and one float32 ``Div`` or ``Mul`` rounded to float16 is NumPy's
+float16 operation (``npy_half`` computes in float32 and rounds once).
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ class _Graph:
 
     def __init__(self, quant: Quantization, data: np.ndarray) -> None:
         self.quant, self.out, self.dim = quant, elem_type(quant.dtype), int(data.shape[1])
+        self.work = TensorProto.FLOAT if self.out == TensorProto.FLOAT16 else self.out  # the arithmetic's type
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = [_placeholder(TABLE, data)]
         self.overrides: dict[str, np.ndarray] = {TABLE: data}
@@ -39,8 +49,21 @@ class _Graph:
         return output
 
     def cast(self, name: str, dtype: np.dtype, output: str) -> str:  # type: ignore[type-arg]
-        """``name`` cast to the output type (no node when it has that type already)."""
-        return name if elem_type(dtype) == self.out else self.add("Cast", [name], output, to=self.out)
+        """``name`` cast to the output type, held in the working type (no node where nothing changes).
+
+        For a float16 output, a float wider than float16 is first rounded to float16 (see the module docstring).
+        """
+        dtype = np.dtype(dtype)
+        if self.work != self.out and dtype.kind == "f" and dtype.itemsize > 2:
+            name, dtype = self.add("Cast", [name], f"{output}_f16", to=self.out), np.dtype(np.float16)
+        return name if elem_type(dtype) == self.work else self.add("Cast", [name], output, to=self.work)
+
+    def finish(self, op: str, inputs: list[str]) -> None:
+        """The last operation, writing ``vectors`` (computed in the working type, then cast to the output type)."""
+        if self.work == self.out:
+            self.add(op, inputs, VECTORS)
+        else:
+            self.add("Cast", [self.add(op, inputs, "vectors_work")], VECTORS, to=self.out)
 
     def param(self, name: str, array: np.ndarray) -> str:
         """Scale / zero point shaped to broadcast against ``[..., dim]`` rows (gathered by id where per row)."""
@@ -90,12 +113,12 @@ def dequant_model(quant: Quantization, data: np.ndarray) -> tuple[onnx.ModelProt
     rows = g.cast(g.add("Gather", [TABLE, IDS], "q_rows", axis=0), data.dtype, "q_float")
     scale = g.cast(g.param(SCALE, quant.scale), quant.scale.dtype, "scale_float")
     if quant.scheme == "row_div":
-        g.add("Div", [rows, scale], VECTORS)
+        g.finish("Div", [rows, scale])
     elif quant.zero_point is None:
-        g.add("Mul", [rows, scale], VECTORS)
+        g.finish("Mul", [rows, scale])
     else:
         zero = g.cast(g.param(ZERO, quant.zero_point), quant.zero_point.dtype, "zero_float")
-        g.add("Mul", [g.add("Sub", [rows, zero], "centered"), scale], VECTORS)
+        g.finish("Mul", [g.add("Sub", [rows, zero], "centered"), scale])
     graph = helper.make_graph(
         g.nodes, "embedding_bridge_dequantize",
         [helper.make_tensor_value_info(IDS, TensorProto.INT64, None)],

@@ -584,10 +584,16 @@ def test_onnxruntime_start_up_probe_checks_both_paths() -> None:
         def _gather_direct(self, ids: np.ndarray, out: np.ndarray) -> None:
             pass
 
+    class SmallWritesOtherValues(OnnxruntimeLookup):
+        def _stage(self, ids: np.ndarray) -> np.ndarray:
+            return super()._stage(ids) + 1
+
     zeros = np.zeros((ROWS, DIM), np.float32)
     for broken in (SmallWritesNothing, LargeWritesNothing):
         with pytest.raises(BackendError, match="did not write row 0"):
             broken(zeros)
+    with pytest.raises(BackendError, match="wrote a row 0 that differs from NumPy's"):
+        SmallWritesOtherValues(zeros)
     assert_bitwise(OnnxruntimeLookup(zeros)(np.array([3])), zeros[[3]])
 
 

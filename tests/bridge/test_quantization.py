@@ -290,14 +290,17 @@ def _by_hand(q: np.ndarray, quant: Quantization) -> np.ndarray:
     return centered * scale.reshape(shape)
 
 
+@pytest.mark.parametrize("scale_dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "uint16"])
 @pytest.mark.parametrize("out_dtype", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("scheme", ["row_div", "group_affine", "affine", "mul"])
-def test_every_integer_and_float_type_on_every_backend(dtype: str, out_dtype: str, scheme: str) -> None:
+def test_every_integer_and_float_type_on_every_backend(dtype: str, out_dtype: str, scheme: str,
+                                                       scale_dtype: str) -> None:
+    """Bitwise on every backend, also where the scale is wider than the output (cast down first)."""
     info = np.iinfo(dtype)
     q = RNG.integers(info.min, info.max, (V, D), endpoint=True).astype(dtype)
     zero = RNG.integers(info.min, info.max, (V, G), endpoint=True).astype(dtype)
-    scale = (RNG.random((V, G)) + 0.5).astype(out_dtype)
+    scale = (RNG.random((V, G)) + 0.5).astype(scale_dtype)
     quant = {
         "row_div": lambda: Quantization(scheme, scale[:, 0], out_dtype=out_dtype),
         "group_affine": lambda: Quantization(scheme, scale, zero, group_size=BLOCK, out_dtype=out_dtype),
