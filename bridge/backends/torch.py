@@ -145,7 +145,7 @@ class TorchLookup(StagedLookup):
     def _gather_or_refuse(self, ids: np.ndarray, out: np.ndarray) -> bool:
         """``index_select`` checks every id against ``[0, rows)`` (negative ones too) and raises IndexError."""
         try:
-            self._gather_direct(ids, out)
+            self._gather_large(ids, out)
         except IndexError:
             return False
         return True

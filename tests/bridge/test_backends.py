@@ -603,3 +603,12 @@ def test_unsupported_table_dtype_names_the_supported_ones(backend: str) -> None:
     message = rf"complex64, which the {backend} backend does not serve; supported: .*float32"
     with pytest.raises(BackendError, match=message):
         backends.lookup(table, backend)
+
+
+@pytest.mark.parametrize("batch", [2_000, 20])  # 128 KB of output (the direct path) and 1.3 KB (staging)
+def test_out_overlapping_the_table_gives_np_take(backend: str, batch: int) -> None:
+    """Large batches gather straight into ``out=``; where it aliases the table, through a new array."""
+    data = np.arange(20_000 * 16, dtype=np.float32).reshape(20_000, 16)
+    ids = np.arange(batch)[::-1].copy()
+    want = np.take(data, ids, axis=0)
+    assert_bitwise(backends.lookup(data, backend)(ids, out=data[:batch]), want)
