@@ -108,7 +108,9 @@ def store_rows(store: Any) -> list[list[str]]:
         entry = store.entry(name)
         source = ", ".join(s["layer"] for s in entry.get("source", [])) or "(unmapped)"
         quant = entry.get("quantization")
-        dtype = f'{entry["dtype"]} -> {quant["out_dtype"]} ({quant["scheme"]})' if quant else entry["dtype"]
+        dtype = entry["dtype"]
+        if quant:
+            dtype = f'{dtype} -> {quant.get("out_dtype", "float32")} ({quant["scheme"]})'
         rows.append([name, source, "x".join(map(str, entry["shape"])), dtype, human_bytes(entry["nbytes"])])
     return rows
 

@@ -41,7 +41,7 @@ def run_share(args: argparse.Namespace) -> int:
     say(format_table(
         ["table", "shape", "dtype", "bytes", "used by"],
         [[t["name"], "x".join(map(str, t["shape"])), t["dtype"], human_bytes(t["nbytes"]),
-          len(t["metadata"].get("shared_by", []))] for t in manifest["tables"]],
+          len((t.get("metadata") or {}).get("shared_by", []))] for t in manifest["tables"]],
     ))
     say("")
     say(format_table(
