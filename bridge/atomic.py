@@ -6,7 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from bridge.errors import InputError, OutputExistsError
@@ -43,16 +43,34 @@ def _publish_permissions(root: Path) -> None:
             os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def check_output_dir(out_dir: str | os.PathLike[str], force: bool) -> Path:
-    """Return ``out_dir`` as a Path, refusing an existing non-empty directory unless ``force``."""
-    out = Path(out_dir)
+def check_output_dir(
+    out_dir: str | os.PathLike[str], force: bool, *, keep: Iterable[str | os.PathLike[str]] = ()
+) -> Path:
+    """Return ``out_dir`` as an absolute Path, refusing an existing non-empty directory unless ``force``.
+
+    An existing directory is replaced as a whole, so one that is or holds the current directory, or
+    any of the paths in ``keep`` (the command's inputs), is refused even with ``force``.
+    """
+    out = Path(os.path.abspath(out_dir))  # lexically: "." and "a/.." get a real name and parent
     if out.exists() and not out.is_dir():
-        raise InputError(f"output path {str(out)!r} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputExistsError(
-            f"output directory {str(out)!r} exists and is not empty; pass --force (force=True) to replace it"
-        )
+        raise InputError(f"output path {str(out_dir)!r} exists and is not a directory; choose another path")
+    if out.is_dir():
+        _refuse_replacing(out, str(out_dir), keep)
+        if any(out.iterdir()) and not force:
+            raise OutputExistsError(
+                f"output directory {str(out_dir)!r} exists and is not empty; pass --force (force=True) to replace it"
+            )
     return out
+
+
+def _refuse_replacing(out: Path, shown: str, keep: Iterable[str | os.PathLike[str]]) -> None:
+    """InputError if replacing ``out`` would delete the current directory or a path of ``keep``."""
+    target = out.resolve()
+    for path, what in [(Path.cwd(), "the current directory"), *((Path(p), f"the input {str(p)!r}") for p in keep)]:
+        resolved = path.resolve()
+        if resolved == target or resolved.is_relative_to(target):
+            raise InputError(f"output directory {shown!r} is or holds {what}, which replacing it would delete; "
+                             "write to another directory")
 
 
 @contextlib.contextmanager
@@ -64,29 +82,42 @@ def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False) ->
     and ``out_dir`` is left exactly as it was.
     """
     out = check_output_dir(out_dir, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    with _os_errors(f"cannot create output directory {str(out_dir)!r}"):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield staging
         _publish_permissions(staging)
         _fsync_dir(staging)
-        _replace_dir(staging, out)
+        with _os_errors(f"cannot put the output in place at {str(out_dir)!r}"):
+            _replace_dir(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
 
 
+@contextlib.contextmanager
+def _os_errors(what: str) -> Iterator[None]:
+    """An OSError in the block (no permission, a file where a directory should be, ...) as an InputError."""
+    try:
+        yield
+    except OSError as exc:
+        raise InputError(f"{what}: {exc.strerror or exc}; choose another path") from exc
+
+
 def _replace_dir(staging: Path, out: Path) -> None:
+    """Rename ``staging`` to ``out``; an existing ``out`` is moved aside first and removed after (or put back)."""
     if not out.exists():
         os.rename(staging, out)
     else:
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.rename(out, old / "d")
         try:
-            os.rename(staging, out)
-        except BaseException:
-            os.rename(old / "d", out)
-            raise
+            os.rename(out, old / "d")
+            try:
+                os.rename(staging, out)
+            except BaseException:
+                os.rename(old / "d", out)
+                raise
         finally:
             shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
@@ -96,8 +127,11 @@ def _replace_dir(staging: Path, out: Path) -> None:
 def atomic_file(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[object]:
     """Open a temporary sibling of ``path`` for writing; rename it over ``path`` on success."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    if target.is_dir():
+        raise InputError(f"{str(path)!r} is a directory; give a file name")
+    with _os_errors(f"cannot write {str(path)!r}"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from bridge.atomic import check_output_dir
 from bridge.npyio import file_sha256
 from bridge.onnx_io import initializer_array, load_model
 from bridge.onnx_vocab import attach_onnx_vocabularies
@@ -63,6 +64,7 @@ def extract(
     provenance: Mapping[str, Any] | None = None,
 ) -> Store:
     """Write a store with every embedding table of the ONNX model at ``model_path``."""
+    check_output_dir(out_dir, force, keep=[model_path])
     path = Path(model_path)
     model = load_model(path)
     tables = attach_onnx_vocabularies(model, tables_from_onnx(model, path.parent))

@@ -27,7 +27,7 @@ import onnx
 
 from bridge import dtypes
 from bridge import manifest as mf
-from bridge.atomic import atomic_directory
+from bridge.atomic import atomic_directory, check_output_dir
 from bridge.cut import CutModel, CutSpec, TableCut, cut_gathers, feed_cut_model
 from bridge.errors import InputError
 from bridge.external import external_tensors, move_external_tensors, point_initializer_at_file, save_model
@@ -108,6 +108,7 @@ def share(
     (default), each rewritten model must give bitwise the same outputs as its original on sample
     inputs, else :class:`~bridge.errors.ParityError` and nothing is written.
     """
+    check_output_dir(out_dir, force, keep=model_paths)
     sources = [_read_source(p) for p in _unique_paths(model_paths)]
     slots = _dedupe(sources)
     source_bytes = sum(_source_bytes(s) for s in sources)

@@ -93,7 +93,7 @@ def convert(
     as ONNX external data) or the ordinary one; None (default) picks the large path when the
     Embedding tables total ``large_threshold`` bytes (default 256 MiB) or the weights exceed 2 GiB.
     """
-    check_output_dir(out_dir, force)
+    check_output_dir(out_dir, force, keep=[model_or_path] if isinstance(model_or_path, (str, os.PathLike)) else [])
     opened = keras_stream.stream_large(model_or_path, safe_mode=safe_mode, large=large, threshold=large_threshold,
                                        skeleton_rows=keras_large.SKELETON_ROWS)
     if opened is not None:

@@ -2,7 +2,8 @@
 
 Every sub-command prints human-readable output by default and one JSON document on stdout
 with ``--json``; progress and logs go to stderr. A :class:`~bridge.errors.BridgeError`
-becomes one line on stderr and a non-zero exit code, never a traceback.
+becomes one line on stderr and a non-zero exit code, never a traceback; so does an error of the
+machine (an ``OSError`` such as a full disk, or a ``MemoryError``), with exit code 1.
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except (OSError, MemoryError) as exc:  # the machine, not the input: disk full, out of memory, ...
+        what = "out of memory" if isinstance(exc, MemoryError) else _one_line(exc)
+        print(f"embridge {args.command}: error: {what}; nothing was written", file=sys.stderr)
+        return 1
 
 
 def _one_line(exc: BaseException) -> str:

@@ -125,6 +125,25 @@ def test_interrupted_forced_rewrite_keeps_old_store(tmp_path: Path, monkeypatch:
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
 
 
+@pytest.mark.parametrize("failing", [1, 2], ids=["moving the old store aside", "putting the new one in place"])
+def test_failed_replace_keeps_old_store_and_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          failing: int) -> None:
+    write_store(tmp_path / "s", _tables()[:1])
+    real, calls = os.rename, []
+
+    def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+        calls.append(1)
+        if len(calls) == failing:
+            raise OSError(16, "Device or resource busy")
+        real(src, dst)
+
+    monkeypatch.setattr("bridge.atomic.os.rename", rename)
+    with pytest.raises(InputError, match="cannot put the output in place at .*Device or resource busy"):
+        write_store(tmp_path / "s", _tables(), force=True)
+    assert list(open_store(tmp_path / "s")) == ["tok/emb"]
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
 @pytest.mark.parametrize("bad", ["../outside.npy", "/etc/passwd", "tables/../../x.npy", "C:\\x.npy"])
 def test_manifest_paths_cannot_escape(tmp_path: Path, bad: str) -> None:
     write_store(tmp_path / "s", _tables()[:1])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,64 @@ def test_inspect_reports_a_transposed_copy_as_a_tie(tmp_path: Path, capsys: pyte
     assert [(t["initializer"], t["layout"]) for t in row["ties"]] == [("emb_T", "transposed")]
     code, out, _ = _run(["inspect", str(tmp_path / "m.onnx")], capsys)
     assert "tied: emb_T (transposed)" in out
+
+
+def _one_error_line(code: int, out: str, err: str, expected_code: int = 2) -> str:
+    """The one error line (progress notes may come before it)."""
+    assert code == expected_code and out == "" and "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if ": error: " in line]
+    assert len(lines) == 1 and err.strip().endswith(lines[0])
+    return lines[0]
+
+
+def test_output_holding_the_current_directory_or_the_input_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replacing the output with --force would delete it: refused, and nothing is left behind."""
+    work = tmp_path / "work"
+    work.mkdir()
+    _model(work / "m.onnx")
+    monkeypatch.chdir(work)
+    for out in (".", str(work), "..", str(tmp_path)):
+        line = _one_error_line(*_run(["extract", "m.onnx", "-o", out, "--force"], capsys))
+        assert "holds the current directory" in line
+    monkeypatch.chdir(tmp_path)
+    line = _one_error_line(*_run(["extract", "work/m.onnx", "-o", "work", "--force"], capsys))
+    assert "holds the input 'work/m.onnx'" in line
+    line = _one_error_line(*_run(["share", "work/m.onnx", "-o", "work", "--force"], capsys))
+    assert "holds the input 'work/m.onnx'" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"] and [p.name for p in work.iterdir()] == ["m.onnx"]
+
+
+def test_unusable_output_path_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _model(tmp_path / "m.onnx")
+    (tmp_path / "file.txt").write_text("x")
+    line = _one_error_line(*_run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "file.txt" / "sub")],
+                                 capsys))
+    assert "cannot create output directory" in line and "choose another path" in line
+    (tmp_path / "locked").mkdir(mode=0o500)
+    try:
+        if os.access(tmp_path / "locked", os.W_OK):
+            pytest.skip("running as a user that ignores directory permissions")
+        line = _one_error_line(*_run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "locked" / "out")],
+                                     capsys))
+        assert "Permission denied" in line
+    finally:
+        (tmp_path / "locked").chmod(0o700)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.txt", "locked", "m.onnx"]
+
+
+def test_machine_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError the library does not expect (a full disk) is one line and exit code 1, not a traceback."""
+    import bridge.store
+
+    _model(tmp_path / "m.onnx")
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bridge.store, "_write_npy_file", disk_full)
+    line = _one_error_line(*_run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out")], capsys), 1)
+    assert "No space left on device" in line and "nothing was written" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
