@@ -20,6 +20,7 @@ from benchmarks.targets import evaluate
 from benchmarks.tokens_bench import run_tokens
 from benchmarks.variants import catalogue
 from bridge.atomic import atomic_file
+from bridge.render import json_safe
 
 JSON_NAME, MARKDOWN_NAME = "results.json", "results.md"
 
@@ -75,7 +76,7 @@ def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike[str], *, plots
         raise ValueError("benchmark document does not match its schema: " + "; ".join(problems[:5]))
     written = {"json": out / JSON_NAME, "markdown": out / MARKDOWN_NAME}
     with atomic_file(written["json"], "w") as fh:
-        json.dump(doc, fh, indent=1)  # type: ignore[arg-type]
+        json.dump(json_safe(doc), fh, indent=1, allow_nan=False)  # type: ignore[arg-type]
         fh.write("\n")  # type: ignore[attr-defined]
     with atomic_file(written["markdown"], "w") as fh:
         fh.write(to_markdown(doc))  # type: ignore[attr-defined]

@@ -1,8 +1,13 @@
-"""Plain-text rendering shared by the CLI and reports: aligned tables, byte sizes."""
+"""Plain-text rendering shared by the CLI and reports: aligned tables, byte sizes, strict JSON values."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
+from typing import Any
+
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 
 
 def human_bytes(n: int | float) -> str:
@@ -32,3 +37,19 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
     out = ["| " + " | ".join(cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by the string ``"NaN"``, ``"Infinity"`` or
+    ``"-Infinity"``: what JavaScript's ``JSON.stringify`` cannot keep, written so that every JSON
+    parser accepts the document (Python's ``json`` would write the bare, non-standard ``NaN``).
+    Lists, tuples and dict values are converted recursively; everything else is returned as it is.
+    """
+    if isinstance(obj, numbers.Real) and not isinstance(obj, numbers.Integral):  # float, NumPy floats
+        value = float(obj)
+        return obj if math.isfinite(value) else _NON_FINITE[repr(value)]
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Any
 
+from bridge.render import json_safe
+
 
 def add_json(parser: argparse.ArgumentParser) -> None:
     """``--json``: one JSON document on stdout, nothing else there."""
@@ -20,8 +22,8 @@ def add_output(parser: argparse.ArgumentParser) -> None:
 
 
 def emit_json(obj: Any) -> None:
-    """Write ``obj`` as JSON to stdout."""
-    json.dump(obj, sys.stdout, indent=2, default=str)
+    """Write ``obj`` as strict JSON to stdout (NaN and infinities as strings: :func:`bridge.render.json_safe`)."""
+    json.dump(json_safe(obj), sys.stdout, indent=2, default=str, allow_nan=False)
     sys.stdout.write("\n")
 
 

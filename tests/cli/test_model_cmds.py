@@ -197,3 +197,30 @@ def test_machine_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     line = _one_error_line(*_run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "out")], capsys), 1)
     assert "No space left on device" in line and "nothing was written" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_lookup_json_is_strict_json_with_nan_and_infinity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Non-finite values are the strings "NaN", "Infinity", "-Infinity": every JSON parser accepts the document."""
+    table = _model(tmp_path / "m.onnx", rows=4, dim=3)
+    table[1] = [np.nan, np.inf, -np.inf]
+    _model_with(tmp_path / "m.onnx", table)
+    assert _run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s")], capsys)[0] == 0
+    code, out, _ = _run(["lookup", str(tmp_path / "s"), "--table", "emb.weight", "--ids", "1,2", "--json"], capsys)
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"bare {name} is not JSON")
+
+    doc = json.loads(out, parse_constant=refuse)
+    assert code == 0 and doc["vectors"][0] == ["NaN", "Infinity", "-Infinity"]
+    assert doc["vectors"][1] == table[2].astype(np.float64).tolist()
+
+
+def _model_with(path: Path, table: np.ndarray) -> None:
+    """ids -> Gather(emb.weight) over the given table."""
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb.weight", "ids"], ["vec"], name="lookup")], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("vec", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(table, "emb.weight")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
