@@ -61,18 +61,29 @@ def inspect_rows(model_path: Path) -> list[dict[str, Any]]:
         info = ref.to_json()
         extra = {k: v for k, v in info.items() if k not in ("initializer", "shape", "dtype", "consumers")}
         rows.append({"name": name, "initializer": ref.initializer, "shape": list(ref.shape), "dtype": ref.dtype,
-                     "consumers": info["consumers"], "source": [], "ties": ties_json(ties[ref.initializer]),
+                     "consumers": info["consumers"], "ties": ties_json(ties[ref.initializer]),
                      **extra})
     return rows
 
 
-def _nbytes(shape: list[int], dtype: str) -> int:
-    from bridge.dtypes import from_name
+_PACKED_BITS = {"int4": 4, "uint4": 4, "float4_e2m1": 4}  # ONNX packs two of these in a byte
 
-    n = from_name(dtype).itemsize
+
+def _size(shape: list[int], dtype: str) -> str:
+    """The tensor's size in bytes, human-readable; ``?`` for a dtype without a fixed size (strings)."""
+    from bridge.dtypes import from_name
+    from bridge.errors import BridgeError
+
+    elements = 1
     for d in shape:
-        n *= d
-    return n
+        elements *= d
+    if dtype in _PACKED_BITS:
+        return human_bytes((elements * _PACKED_BITS[dtype] + 7) // 8)
+    try:
+        itemsize = from_name(dtype).itemsize
+    except (BridgeError, TypeError):
+        return "?"
+    return "?" if dtype == "object" else human_bytes(elements * itemsize)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
@@ -86,7 +97,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     say(format_table(
         ["table", "initializer", "shape", "dtype", "bytes", "uses"],
         [[r["name"], r["initializer"], "x".join(map(str, r["shape"])), r["dtype"],
-          human_bytes(_nbytes(r["shape"], r["dtype"])), _uses(r)] for r in rows],
+          _size(r["shape"], r["dtype"]), _uses(r)] for r in rows],
     ))
     return 0
 

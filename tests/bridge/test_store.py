@@ -249,3 +249,12 @@ def test_extra_files_cannot_overwrite_the_store_files(tmp_path: Path, name: str)
     assert not (tmp_path / "s").exists()
     write_store(tmp_path / "s", _tables(), files={"tables.txt": b"x", "model.onnx": b"y"})
     assert (open_store(tmp_path / "s").file_path("tables.txt")).read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("name", ["bfloat16", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz"])
+def test_extension_dtypes_round_trip_bitwise(tmp_path: Path, name: str) -> None:
+    """Every ml_dtypes type ONNX tables come in is stored as its bits and read back as itself."""
+    data = np.arange(-8, 8, dtype=np.float32).reshape(4, 4).astype(getattr(ml_dtypes, name))
+    write_store(tmp_path / "s", [EmbeddingTable("t", data)])
+    got = open_store(tmp_path / "s")["t"].data
+    assert got.dtype == data.dtype and got.tobytes() == data.tobytes()

@@ -224,3 +224,20 @@ def _model_with(path: Path, table: np.ndarray) -> None:
         initializer=[numpy_helper.from_array(table, "emb.weight")],
     )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), path)
+
+
+def test_inspect_text_sizes_strings_and_packed_ints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A string table has no fixed size ("?"); int4 packs two values in a byte (10 x 4 -> 20 B)."""
+    words = helper.make_tensor("words", TensorProto.STRING, [2, 2], [b"a", b"b", b"c", b"d"])
+    nibbles = helper.make_tensor("nibbles", TensorProto.INT4, [10, 4], [1] * 40)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["words", "ids"], ["w"]), helper.make_node("Gather", ["nibbles", "ids"], ["n"])],
+        "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["k"])],
+        [helper.make_tensor_value_info("w", TensorProto.STRING, None),
+         helper.make_tensor_value_info("n", TensorProto.INT4, None)], initializer=[words, nibbles],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), tmp_path / "m.onnx")
+    code, out, err = _run(["inspect", str(tmp_path / "m.onnx")], capsys)
+    assert code == 0, err
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
+    assert rows["words"][4] == "?" and rows["nibbles"][4:6] == ["20", "B"]
