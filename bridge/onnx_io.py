@@ -103,9 +103,29 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False
     if data[:4] == _ZIP_MAGIC:
         raise _zip_error(p)
     model = _parse_model(p, data)
+    _check_node_names(model, p)
     if load_external_data:
         _load_external_tensors(model, p.parent)
     return model
+
+
+def _check_node_names(model: onnx.ModelProto, p: Path) -> None:
+    """ModelFormatError for two nodes of one graph with the same non-empty name.
+
+    The ONNX checker allows it, but onnxruntime refuses such a model, and this package names nodes
+    (and the subgraphs under them) by their names: a repeated name would make two places one.
+    """
+    for path, graph in iter_graphs(model):
+        seen: set[str] = set()
+        for node in graph.node:
+            if node.name in seen:
+                where = f"subgraph {path!r}" if path else "the main graph"
+                raise ModelFormatError(
+                    f"{str(p)!r}: two nodes of {where} are named {node.name!r}; onnxruntime refuses such a "
+                    "model too: give every node a unique name (or none)"
+                )
+            if node.name:
+                seen.add(node.name)
 
 
 def _check_model_path(p: Path) -> None:

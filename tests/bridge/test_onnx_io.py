@@ -375,3 +375,41 @@ def test_iter_graphs_walks_nested_subgraphs_in_order(onnx_kit) -> None:
     assert paths == ["", "top_if/else_branch", "top_if/then_branch", "top_if/then_branch/If#0/else_branch",
                      "top_if/then_branch/If#0/then_branch"]
     assert [g.name for _, g in iter_graphs(model.graph)] == ["g", "o", "t", "o", "leaf"]
+
+
+def _two_gathers(first: str, second: str) -> onnx.GraphProto:
+    table = numpy_helper.from_array(np.ones((5, 3), np.float32), "W")
+    return helper.make_graph(
+        [helper.make_node("Gather", ["W", "ids"], ["a"], name=first),
+         helper.make_node("Gather", ["W", "ids"], ["b"], name=second)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, None)], [table],
+    )
+
+
+def _if_around(branch: onnx.GraphProto) -> onnx.GraphProto:
+    cond = numpy_helper.from_array(np.array(True), "cond")
+    return helper.make_graph(
+        [helper.make_node("If", ["cond"], ["a", "b"], name="if", then_branch=branch, else_branch=branch)], "main",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, None)],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, None),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, None)], [cond],
+    )
+
+
+@pytest.mark.parametrize(("graph", "where"), [
+    (_two_gathers("g", "g"), "the main graph"),
+    (_if_around(_two_gathers("g", "g")), "subgraph 'if/(then|else)_branch'"),
+], ids=["main", "subgraph"])
+def test_repeated_node_names_are_refused(tmp_path: Path, graph: onnx.GraphProto, where: str) -> None:
+    """onnxruntime refuses them too; this package names nodes and subgraphs by node name."""
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path / "m.onnx")
+    with pytest.raises(ModelFormatError, match=f"two nodes of {where} are named 'g'; .*unique name"):
+        load_model(tmp_path / "m.onnx")
+
+
+def test_unnamed_nodes_and_names_repeated_across_graphs_load(tmp_path: Path) -> None:
+    onnx.save(helper.make_model(_if_around(_two_gathers("", "")), opset_imports=[helper.make_opsetid("", 17)],
+                                ir_version=10), tmp_path / "m.onnx")
+    assert len(load_model(tmp_path / "m.onnx").graph.node) == 1
