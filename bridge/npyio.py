@@ -92,7 +92,9 @@ def open_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.nda
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read table file {str(path)!r}: {exc}; re-create the store") from exc
+        # numpy suggests allow_pickle=True for a file it cannot parse: never the answer here
+        reason = "it is not a .npy array file" if "pickle" in str(exc) else str(exc)
+        raise StoreError(f"cannot read table file {str(path)!r}: {reason}; re-create the store") from exc
     expected_storage = dtypes.storage_dtype(dtype)
     if tuple(arr.shape) != tuple(shape) or arr.dtype != expected_storage:
         raise StoreError(

@@ -49,7 +49,10 @@ def as_ids(ids: Any) -> np.ndarray:
     Arrays are returned as they are (no copy) when already fine. Python ints and (nested) lists of
     ints become int64, or uint64 where a value needs it.
     """
-    arr = ids if isinstance(ids, np.ndarray) else _from_python(ids)
+    if isinstance(ids, np.ma.MaskedArray):
+        raise IdError("ids are a masked array, and a lookup has no meaning for a masked id; "
+                      "pass ids.compressed() (the unmasked ids) or ids.filled(<an id>)")
+    arr = np.asarray(ids) if isinstance(ids, np.ndarray) else _from_python(ids)  # np.matrix, memmap: a plain view
     kind = arr.dtype.kind
     if kind != "i" and kind != "u":
         raise IdError(_dtype_message(arr.dtype))
@@ -121,6 +124,9 @@ class IndexPolicy:
         if self.name not in POLICIES:
             raise InputError(f"unknown index policy {self.name!r}; choose one of {', '.join(POLICIES)}")
         if self.name == "oov":
+            if self.oov_id is not None and not is_row_number(self.oov_id):
+                raise InputError(f"oov_id must be an integer row number, got {self.oov_id!r} "
+                                 f"({type(self.oov_id).__name__})")
             if self.oov_id is None:
                 raise InputError(
                     f"policy 'oov' needs an OOV row, but table {self.table!r} has no oov_id; "
@@ -203,6 +209,11 @@ class IndexPolicy:
             f"({self.rows} rows; valid ids under policy {self.name!r}: {low}..{self.rows - 1}); "
             "fix the ids or choose another index policy (clip, zero, oov, wrap)"
         )
+
+
+def is_row_number(value: Any) -> bool:
+    """True for a Python or NumPy integer that is not a bool (``True`` is not row 1, ``3.5`` not row 3)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def gatherable_dtype(ids: Any) -> bool:

@@ -9,6 +9,7 @@ import numpy as np
 
 from bridge import dtypes
 from bridge.errors import InputError
+from bridge.policy import is_row_number
 from bridge.quantization import Quantization
 from bridge.vocab import Vocabulary
 
@@ -63,6 +64,9 @@ class EmbeddingTable:
         if self.data.ndim != 2:
             raise InputError(f"table {self.name!r} must be 2-D [rows, dim], got shape {tuple(self.data.shape)}")
         for label, idx in (("oov_id", self.oov_id), ("padding_id", self.padding_id)):
+            if idx is not None and not is_row_number(idx):
+                raise InputError(f"table {self.name!r}: {label} must be an integer row number, got {idx!r} "
+                                 f"({type(idx).__name__})")
             if idx is not None and not 0 <= idx < self.rows:
                 raise InputError(f"table {self.name!r}: {label}={idx} is outside [0, {self.rows})")
         if self.quantization is not None:

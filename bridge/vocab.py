@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,10 +89,14 @@ class Vocabulary:
         """
         if isinstance(tokens, str):
             return self.ids([tokens], missing=missing).reshape(())
-        seq = tokens if isinstance(tokens, Sequence) else list(tokens)
         fallback = missing if missing is not None else self.oov_id
         sentinel = -1 if fallback is None else fallback
-        out = np.fromiter(map(self.index.get, seq, repeat(sentinel)), dtype=np.int64, count=len(seq))
+        try:
+            seq = tokens if isinstance(tokens, Sequence) else list(tokens)
+            out = np.fromiter(map(self.index.get, seq, repeat(sentinel)), dtype=np.int64, count=len(seq))
+        except TypeError as exc:  # not iterable, or an unhashable item (a nested list)
+            raise VocabularyError(f"tokens must be a string or a list of strings, got {_kind(tokens)}") from exc
+        _check_missed_are_strings(seq, out, sentinel)
         if fallback is None and out.size and (out < 0).any():
             first = int(np.flatnonzero(out < 0)[0])
             raise VocabularyError(
@@ -116,3 +121,24 @@ class Vocabulary:
         if lines and lines[-1] == "":
             lines.pop()
         return cls([unescape_token(line) for line in lines], **kwargs)  # type: ignore[arg-type]
+
+
+def _kind(tokens: Any) -> str:
+    """How an error message names what was passed as tokens."""
+    if isinstance(tokens, (list, tuple)) and tokens:
+        return f"a {type(tokens).__name__} holding {type(tokens[0]).__name__}"
+    return type(tokens).__name__
+
+
+def _check_missed_are_strings(seq: Sequence[Any], ids: np.ndarray, sentinel: int) -> None:
+    """VocabularyError if a token that was not found is not a string (bytes, an int): it could never match.
+
+    Only the misses are checked, so the common all-found call pays one comparison over the ids.
+    """
+    for position in np.flatnonzero(ids == sentinel).tolist():
+        token = seq[position]
+        if not isinstance(token, str):
+            hint = "; decode bytes first, e.g. token.decode('utf-8')" if isinstance(token, bytes) else ""
+            raise VocabularyError(
+                f"token {token!r} (position {position}) has type {type(token).__name__}, not str{hint}"
+            )

@@ -49,6 +49,7 @@ from bridge.errors import BackendError, InputError, VocabularyError
 from bridge.policy import IndexPolicy, as_ids, gatherable_dtype
 from bridge.table import EmbeddingTable
 
+MAX_THREADS = 1024  # more than any machine's cores; onnxruntime's option is a C int
 SMALL_BYTES = 1 << 16  # outputs up to this size go through per-thread staging buffers (see ThreadBuffers)
 T = TypeVar("T")
 
@@ -147,8 +148,8 @@ class Lookup(ABC):
         threads: int = 1,
     ) -> None:
         self.table = as_table(table)
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise InputError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
         chosen_oov = oov_id if oov_id is not None else self.table.oov_id
         self.index_policy = IndexPolicy.create(policy, self.table.rows, oov_id=chosen_oov, table=self.table.name)
         self.threads = threads

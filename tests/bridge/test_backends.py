@@ -10,6 +10,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -612,3 +613,39 @@ def test_out_overlapping_the_table_gives_np_take(backend: str, batch: int) -> No
     ids = np.arange(batch)[::-1].copy()
     want = np.take(data, ids, axis=0)
     assert_bitwise(backends.lookup(data, backend)(ids, out=data[:batch]), want)
+
+
+@pytest.mark.parametrize(("tokens", "message"), [
+    (None, "tokens must be a string or a list of strings, got NoneType"),
+    ([["w1"]], "tokens must be a string or a list of strings, got a list holding list"),
+    ([b"w1"], r"token b'w1' \(position 0\) has type bytes, not str; decode bytes first"),
+    (["w1", 3], r"token 3 \(position 1\) has type int, not str"),
+], ids=["None", "nested", "bytes", "int"])
+def test_tokens_that_are_not_strings_are_refused(backend: str, tokens: Any, message: str) -> None:
+    """Even with an OOV row (OOV = 2 here): a bytes or int token could never match, so it is an error."""
+    with pytest.raises(VocabularyError, match=message):
+        cached_lookup(backend, "float32", "error").tokens(tokens)
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_ndarray_subclasses_as_ids(backend: str) -> None:
+    lookup = cached_lookup(backend, "float32", "error")
+    data = table("float32").data
+    assert_bitwise(lookup(np.matrix([[1, 2]])), data[[[1, 2]]])
+    with pytest.raises(IdError, match=r"masked array.*ids.compressed\(\)"):
+        lookup(np.ma.masked_array([1, 2], [0, 1]))
+
+
+@pytest.mark.parametrize("oov_id", [3.5, True, "3"], ids=repr)
+def test_oov_id_must_be_an_integer(oov_id: Any) -> None:
+    with pytest.raises(InputError, match=f"oov_id must be an integer row number, got {re.escape(repr(oov_id))}"):
+        backends.lookup(table("float32"), "numpy", "oov", oov_id=oov_id)
+    with pytest.raises(InputError, match="oov_id must be an integer row number"):
+        EmbeddingTable("t", np.zeros((4, 2), np.float32), oov_id=oov_id)
+    assert backends.lookup(table("float32"), "numpy", "oov", oov_id=np.int64(4)).oov_id == 4
+
+
+@pytest.mark.parametrize("threads", [0, 2**31, True, 1.0], ids=repr)
+def test_threads_out_of_range_is_an_input_error(backend: str, threads: Any) -> None:
+    with pytest.raises(InputError, match="threads must be an integer from 1 to 1024"):
+        backends.lookup(table("float32"), backend, threads=threads)

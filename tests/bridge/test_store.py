@@ -258,3 +258,11 @@ def test_extension_dtypes_round_trip_bitwise(tmp_path: Path, name: str) -> None:
     write_store(tmp_path / "s", [EmbeddingTable("t", data)])
     got = open_store(tmp_path / "s")["t"].data
     assert got.dtype == data.dtype and got.tobytes() == data.tobytes()
+
+
+def test_garbage_table_file_is_named_without_numpys_pickle_hint(tmp_path: Path) -> None:
+    write_store(tmp_path / "s", _tables())
+    (tmp_path / "s" / "tables" / "pos.npy").write_bytes(b"garbage" * 20)
+    with pytest.raises(StoreError, match="pos.npy': it is not a .npy array file; re-create the store") as info:
+        open_store(tmp_path / "s", verify=False)["pos"]
+    assert "pickle" not in str(info.value)
