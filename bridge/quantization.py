@@ -71,6 +71,8 @@ class Quantization:
             value = getattr(self, label)
             if value is not None and np.ndim(value) == 0:
                 object.__setattr__(self, label, np.asarray(value).reshape(1))
+            elif isinstance(value, np.ndarray) and not value.dtype.isnative:  # small: one copy in native order
+                object.__setattr__(self, label, value.astype(value.dtype.newbyteorder("=")))
         self._check_kinds()
         self._check_layout()
 

@@ -256,7 +256,7 @@ class Lookup(ABC):
 
     def _dtype_entry(self, supported: Mapping[str, T]) -> T:
         """This table's entry in a backend's dtype map; :class:`BackendError` listing the supported dtypes."""
-        name = str(self.dtype)
+        name = self.dtype.name  # ">f4" is float32 here; contiguous_data explains the byte order
         if name not in supported:
             raise BackendError(
                 f"table {self.table.name!r} has dtype {name}, which the {self.backend} backend does not serve; "

@@ -649,3 +649,10 @@ def test_oov_id_must_be_an_integer(oov_id: Any) -> None:
 def test_threads_out_of_range_is_an_input_error(backend: str, threads: Any) -> None:
     with pytest.raises(InputError, match="threads must be an integer from 1 to 1024"):
         backends.lookup(table("float32"), backend, threads=threads)
+
+
+@pytest.mark.parametrize("backend_name", ["onnxruntime", "torch"])
+def test_big_endian_table_names_the_byte_order(backend_name: str) -> None:
+    pytest.importorskip(backend_name)
+    with pytest.raises(BackendError, match=r"non-native byte order \(>f4\); convert it once"):
+        backends.lookup(np.ones((3, 2), ">f4"), backend_name)

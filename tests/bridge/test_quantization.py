@@ -317,3 +317,14 @@ def test_every_integer_and_float_type_on_every_backend(dtype: str, out_dtype: st
     ids = RNG.integers(0, V, (2, 50))
     for backend in BACKENDS:
         assert lookup(table, backend)(ids).tobytes() == expected[ids].tobytes(), backend
+
+
+def test_big_endian_scale_serves_the_same_vectors_everywhere() -> None:
+    q = RNG.integers(-128, 128, (V, D)).astype(np.int8)
+    scale = (RNG.random(V) + 0.5).astype(np.float32)
+    native = EmbeddingTable("t", q, quantization=Quantization("row_div", scale))
+    swapped = EmbeddingTable("t", q, quantization=Quantization("row_div", scale.astype(">f4")))
+    ids = RNG.integers(0, V, 40)
+    want = lookup(native, "numpy")(ids)
+    for backend in BACKENDS:
+        assert lookup(swapped, backend)(ids).tobytes() == want.tobytes(), backend
