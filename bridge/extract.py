@@ -1,4 +1,8 @@
-"""From an ONNX model to embedding tables and a store: scan, read (zero-copy), name, write."""
+"""From an ONNX model to embedding tables and a store: scan, read (zero-copy), name, write.
+
+A table read through ``Cast`` nodes (``Gather(Cast(W, to=FLOAT16), ids)``) is stored as the Gather reads
+it, the casts applied and recorded (:mod:`bridge.onnx_casts`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import onnx
 
 from bridge.atomic import check_output_dir
 from bridge.npyio import file_sha256
+from bridge.onnx_casts import ModelGraphs, has_cast, served_data
 from bridge.onnx_io import initializer_array, load_model
 from bridge.onnx_vocab import attach_onnx_vocabularies
 from bridge.quantization_onnx import quantization_from_ref
@@ -22,7 +27,11 @@ from bridge.ties import find_ties, ties_json
 
 
 def read_tables(model: onnx.ModelProto, base_dir: Path | None) -> list[tuple[TableRef, np.ndarray]]:
-    """Every embedding table of ``model`` with its data (external data memory-mapped, not read)."""
+    """Every embedding table of ``model`` with its initializer's data (external data memory-mapped, not read).
+
+    The data is the initializer as stored, before any ``Cast`` in front of the lookup
+    (see :func:`bridge.onnx_casts.table_casts`).
+    """
     return [(ref, initializer_array(table_tensor(model, ref), base_dir)) for ref in scan(model)]
 
 
@@ -39,18 +48,21 @@ def tables_from_onnx(
     mapped tables back to layers); other tables are named after their initializer. A table the
     model dequantizes (Keras int8/int4, DequantizeLinear, Mul by a scale) keeps its integer data
     and gets a :class:`~bridge.quantization.Quantization` read from the model's scale / zero point.
+    A table the model casts before its lookup holds the cast values (see the module docstring).
     """
     pairs = read_tables(model, base_dir)
-    ties = find_ties(model, [ref for ref, _ in pairs], base_dir, arrays={ref.initializer: d for ref, d in pairs})
+    ties = find_ties(model, [ref for ref, _ in pairs], base_dir, arrays={ref.key: d for ref, d in pairs})
+    graphs = ModelGraphs(model) if any(has_cast(ref) for ref, _ in pairs) else None
     taken: set[str] = set()
     tables = []
     for ref, data in pairs:
         name = (names or {}).get(ref.initializer) or default_table_name(ref.initializer, taken)
         taken.add(name)
+        served, cast = served_data(model, ref, data, graphs)
+        onnx_info = {**ref.to_json(), **({"cast": cast} if cast else {})}
         tables.append(EmbeddingTable(
-            name=name, data=data, sources=tuple((sources or {}).get(ref.initializer, ())),
-            initializer=ref.initializer,
-            metadata={"onnx": ref.to_json(), "ties": ties_json(ties[ref.initializer])},
+            name=name, data=served, sources=tuple((sources or {}).get(ref.initializer, ())),
+            initializer=ref.initializer, metadata={"onnx": onnx_info, "ties": ties_json(ties[ref.key])},
             quantization=quantization_from_ref(model, ref, base_dir),
         ))
     return tables

@@ -9,6 +9,11 @@ table fed by a lookup, without the framework that made the model.
 
 Ids no category names (the mask id of a StringLookup with a mask token, for instance) get the
 placeholder token ``[unusedN]``; the default id gets ``[UNK]`` unless a category already uses it.
+Ids are bounded by the table's rows (an id beyond them names no row): a vocabulary never has more
+entries than its table, whatever ids a model's mapper holds (see :func:`mapper_vocabulary`).
+
+Tables are matched by :attr:`bridge.scan.TableRef.key` (graph path and initializer), so each branch
+of an ``If`` defining its own ``W`` gets its own vocabulary.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 import onnx
 
 from bridge.onnx_io import iter_graphs, node_label
-from bridge.scan import TableRef, scan
+from bridge.scan import TableKey, TableRef, scan
 from bridge.table import EmbeddingTable
 from bridge.vocab import Vocabulary
 
@@ -46,29 +51,34 @@ def _attr(node: onnx.NodeProto, name: str) -> onnx.AttributeProto | None:
     return next((a for a in node.attribute if a.name == name), None)
 
 
-def mapper_vocabulary(node: onnx.NodeProto, label: str = "") -> OnnxVocab | None:
-    """The string -> id vocabulary of a CategoryMapper node, or None if it maps nothing."""
+def _categories(node: onnx.NodeProto) -> list[tuple[str, int]] | None:
+    """``(token, id)`` of each category of a CategoryMapper; None if it has none, or a negative id."""
     strings_attr, ids_attr = _attr(node, "cats_strings"), _attr(node, "cats_int64s")
     if strings_attr is None or ids_attr is None or len(strings_attr.strings) != len(ids_attr.ints):
         return None
     pairs = zip(strings_attr.strings, ids_attr.ints, strict=True)
     cats = [(s.decode("utf-8", errors="surrogateescape"), int(i)) for s, i in pairs]
+    return cats if cats and min(i for _, i in cats) >= 0 else None
+
+
+def mapper_vocabulary(node: onnx.NodeProto, label: str = "", *, rows: int) -> OnnxVocab | None:
+    """The string -> id vocabulary of a CategoryMapper node feeding a table of ``rows`` rows, or None if
+    it maps nothing.
+
+    Ids are bounded by the table: a category whose id is ``>= rows`` names no row (the model's Gather
+    fails on it), so it is left out, and is then an unknown token (the OOV id, if any, where the
+    model fails); a ``default_int64 >= rows`` gives no OOV id. Both are noted in
+    ``metadata["out_of_range"]``. The vocabulary never has more than ``rows`` entries, whatever ids
+    the node holds; None when no category has a row.
+    """
+    cats = _categories(node)
+    kept = [(token, i) for token, i in cats if i < rows] if cats is not None else []
+    if cats is None or not kept:
+        return None
     default_attr = _attr(node, "default_int64")
     default = int(default_attr.i) if default_attr is not None else -1
-    if not cats or min(i for _, i in cats) < 0:
-        return None
-    size = max(max(i for _, i in cats), default) + 1
-    tokens: list[str | None] = [None] * size
-    aliases = 0
-    for token, i in cats:
-        if tokens[i] is None:
-            tokens[i] = token
-        else:
-            aliases += 1
-    named = {t for t in tokens if t is not None}
-    oov_id = default if default >= 0 else None
-    if oov_id is not None and tokens[oov_id] is None:
-        tokens[oov_id] = OOV_TOKEN if OOV_TOKEN not in named else None
+    oov_id = default if 0 <= default < rows else None
+    tokens, aliases = _placed(kept, oov_id)
     gaps = [i for i, t in enumerate(tokens) if t is None]
     filled = [t if t is not None else f"[unused{i}]" for i, t in enumerate(tokens)]
     meta: dict[str, Any] = {"source": "onnx CategoryMapper", "node": label or node.name, "categories": len(cats),
@@ -77,8 +87,34 @@ def mapper_vocabulary(node: onnx.NodeProto, label: str = "") -> OnnxVocab | None
         meta["unnamed_ids"] = gaps
     if aliases:
         meta["aliases"] = f"{aliases} token(s) share an id with an earlier token; only the first is listed"
+    beyond = _out_of_range(len(cats) - len(kept), default, rows)
+    if beyond:
+        meta["out_of_range"] = beyond
     reserved = {"oov": oov_id} if oov_id is not None else {}
     return OnnxVocab(Vocabulary(filled, oov_id=oov_id, reserved=reserved, source="onnx_category_mapper"), meta)
+
+
+def _placed(kept: list[tuple[str, int]], oov_id: int | None) -> tuple[list[str | None], int]:
+    """Each token at its id (``[UNK]`` at ``oov_id`` if free), sized by the largest id; and how many
+    tokens repeat an id already taken. Callers bound the ids, so the list is as long as they allow."""
+    tokens: list[str | None] = [None] * (max(max(i for _, i in kept), -1 if oov_id is None else oov_id) + 1)
+    aliases = 0
+    for token, i in kept:
+        if tokens[i] is None:
+            tokens[i] = token
+        else:
+            aliases += 1
+    if oov_id is not None and tokens[oov_id] is None:
+        tokens[oov_id] = OOV_TOKEN if OOV_TOKEN not in {t for t in tokens if t is not None} else None
+    return tokens, aliases
+
+
+def _out_of_range(dropped: int, default: int, rows: int) -> str:
+    """The note on ids the table has no row for ('' when there are none)."""
+    notes = [f"{dropped} token(s) map to an id >= {rows}, the table's rows; they are not listed"] if dropped else []
+    if default >= rows:
+        notes.append(f"default_int64 {default} is >= {rows}, the table's rows; unknown tokens get no OOV id")
+    return "; ".join(notes)
 
 
 def _is_bool_cast(node: onnx.NodeProto) -> bool:
@@ -106,35 +142,66 @@ def feeding_mappers(graph: onnx.GraphProto, gather: onnx.NodeProto) -> list[tupl
     return sorted(found.items())
 
 
-def onnx_vocabularies(model: onnx.ModelProto, refs: Sequence[TableRef] | None = None) -> dict[str, OnnxVocab]:
-    """``{table initializer: OnnxVocab}`` for tables whose Gathers are fed by one CategoryMapper.
+def _row_bound(ref: TableRef) -> int:
+    """The most ids a vocabulary of ``ref`` may name: its rows, or 0 for a table holding no values (a
+    ``[2**40, 0]`` table is a few bytes of model; its rows must not size a list)."""
+    return ref.shape[0] if len(ref.shape) == 2 and ref.shape[1] > 0 else 0
+
+
+def _vocabulary(ref: TableRef, graphs: dict[str, onnx.GraphProto]) -> OnnxVocab | None:
+    """The one vocabulary of the CategoryMappers feeding ``ref``'s Gathers; None if none, or several differ."""
+    vocabs: dict[tuple[tuple[str, ...], int | None], OnnxVocab] = {}
+    for use in ref.gathers:
+        graph = graphs.get(use.graph)
+        if graph is None:
+            continue
+        gather = next((n for i, n in enumerate(graph.node) if node_label(n, i) == use.node), None)
+        for position, mapper in feeding_mappers(graph, gather) if gather is not None else []:
+            vocab = mapper_vocabulary(mapper, node_label(mapper, position), rows=_row_bound(ref))
+            if vocab is not None:
+                vocabs[(tuple(vocab.vocabulary.tokens), vocab.vocabulary.oov_id)] = vocab
+    return next(iter(vocabs.values())) if len(vocabs) == 1 else None
+
+
+def onnx_vocabularies(model: onnx.ModelProto, refs: Sequence[TableRef] | None = None
+                      ) -> dict[TableKey, OnnxVocab]:
+    """``{ref.key: OnnxVocab}`` for tables whose Gathers are fed by one CategoryMapper.
 
     A table fed by several different mappers gets none (``refs`` default to :func:`bridge.scan.scan`).
     """
     graphs = dict(iter_graphs(model))
-    out: dict[str, OnnxVocab] = {}
-    for ref in scan(model) if refs is None else refs:
-        vocabs: dict[tuple[tuple[str, ...], int | None], OnnxVocab] = {}
-        for use in ref.gathers:
-            graph = graphs.get(use.graph)
-            if graph is None:
-                continue
-            gather = next((n for i, n in enumerate(graph.node) if node_label(n, i) == use.node), None)
-            for position, mapper in feeding_mappers(graph, gather) if gather is not None else []:
-                vocab = mapper_vocabulary(mapper, node_label(mapper, position))
-                if vocab is not None:
-                    vocabs[(tuple(vocab.vocabulary.tokens), vocab.vocabulary.oov_id)] = vocab
-        if len(vocabs) == 1:
-            out[ref.initializer] = next(iter(vocabs.values()))
-    return out
+    found = {ref.key: _vocabulary(ref, graphs) for ref in (scan(model) if refs is None else refs)}
+    return {key: vocab for key, vocab in found.items() if vocab is not None}
+
+
+def _graphs_by_name(refs: Sequence[TableRef]) -> dict[str, list[str]]:
+    """initializer -> the graphs holding a table of that name."""
+    graphs_of: dict[str, list[str]] = {}
+    for graph, name in sorted({ref.key for ref in refs}):
+        graphs_of.setdefault(name, []).append(graph)
+    return graphs_of
+
+
+def _key_of(table: EmbeddingTable, graphs_of: dict[str, list[str]]) -> TableKey | None:
+    """``table``'s key: its ``metadata["onnx"]["graph"]`` (set by :func:`bridge.extract.tables_from_onnx`)
+    and initializer; without a graph, the one graph that has a table of that name, if only one does."""
+    onnx_meta = table.metadata.get("onnx")
+    graph = onnx_meta.get("graph") if isinstance(onnx_meta, dict) else None
+    if isinstance(graph, str):
+        return (graph, table.initializer or "")
+    candidates = graphs_of.get(table.initializer or "", [])
+    return (candidates[0], table.initializer or "") if len(candidates) == 1 else None
 
 
 def attach_onnx_vocabularies(model: onnx.ModelProto, tables: Sequence[EmbeddingTable]) -> list[EmbeddingTable]:
-    """``tables`` with the CategoryMapper vocabulary set on each table that has none (matched by initializer)."""
-    vocabs = onnx_vocabularies(model)
+    """``tables`` with the CategoryMapper vocabulary set on each table that has none (matched by
+    graph and initializer, see :func:`_key_of`)."""
+    refs = scan(model)
+    vocabs, graphs_of = onnx_vocabularies(model, refs), _graphs_by_name(refs)
     out = []
     for table in tables:
-        found = vocabs.get(table.initializer or "")
+        key = _key_of(table, graphs_of)
+        found = vocabs.get(key) if key is not None else None
         if found is None or table.vocab is not None:
             out.append(table)
             continue

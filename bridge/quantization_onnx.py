@@ -14,7 +14,9 @@ graph (``q`` the integer table)                      Quantization
 ``Gather(Mul(Cast(q), s), i)``                       ``mul``: s of shape [], [1], [V, 1], [D], [1, D]
 ==================================================  ==========================================
 
-The served dtype is the scale's dtype (ONNX ``Div``/``Mul``/``DequantizeLinear`` output the scale's type).
+The served dtype is the scale's dtype (ONNX ``Div``/``Mul``/``DequantizeLinear`` output the scale's type), or a
+``DequantizeLinear``'s ``output_dtype`` (opset 23) where every scale is exact in it (else refused: onnxruntime
+rounds the product, not the scale).
 Anything else raises :class:`~bridge.errors.UnsupportedError` naming the pattern: storing the integer
 table as if it were the embedding would serve wrong vectors.
 """
@@ -31,7 +33,7 @@ import onnx
 
 from bridge.errors import InputError, UnsupportedError
 from bridge.onnx_io import initializer_array, iter_graphs
-from bridge.quantization import Quantization
+from bridge.quantization import OUT_DTYPES, Quantization
 from bridge.scan import TableRef, table_tensor
 
 
@@ -109,6 +111,31 @@ def _out_dtype(reader: _Reader, scale: np.ndarray) -> str:
     return scale.dtype.name
 
 
+def _dql_out_dtype(reader: _Reader, scale: np.ndarray, output_dtype: str | None) -> str:
+    """The served dtype of a DequantizeLinear: its ``output_dtype`` attribute (opset 23), else the scale's.
+
+    onnxruntime computes the product in float32 and rounds it to ``output_dtype`` once (measured, onnxruntime
+    1.32); the store casts the scale to the served dtype first. The two agree bit for bit when every scale is
+    exact in ``output_dtype`` (an 8-bit integer times a float16 scale is then exact in float32); any other
+    scale is refused.
+    """
+    out = _out_dtype(reader, scale)
+    if not output_dtype or output_dtype == out:
+        return out
+    if output_dtype not in OUT_DTYPES:
+        raise reader.unsupported(f"its DequantizeLinear output_dtype is {output_dtype} (supported: "
+                                 f"{', '.join(OUT_DTYPES)})")
+    with np.errstate(over="ignore", invalid="ignore"):
+        exact = scale.astype(output_dtype).astype(scale.dtype)
+    if exact.tobytes() != np.ascontiguousarray(scale).tobytes():
+        raise reader.unsupported(
+            f"its DequantizeLinear output_dtype is {output_dtype} while its {out} scale is not exact in "
+            f"{output_dtype}: onnxruntime rounds each {out} product to {output_dtype}, the store would round the "
+            "scale first, and the two differ"
+        )
+    return output_dtype
+
+
 def _row_scale(reader: _Reader, info: dict[str, Any]) -> Quantization:
     scale = _required(reader, info, "scale")
     if info.get("op") == "Mul":
@@ -135,7 +162,7 @@ def _group_size(reader: _Reader, g_idx: np.ndarray) -> int:
 def _dequantize_linear(reader: _Reader, info: dict[str, Any]) -> Quantization:
     scale = _required(reader, info, "scale")
     zero = reader.array(info.get("zero_point"))
-    out = _out_dtype(reader, scale)
+    out = _dql_out_dtype(reader, scale, info.get("output_dtype"))
     axis = int(info.get("axis", 1))
     if axis not in (-2, -1, 0, 1):
         raise reader.unsupported(f"its axis is {axis}")

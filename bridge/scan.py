@@ -70,6 +70,9 @@ class Use:
                 "input_index": self.input_index, "via": list(self.via)}
 
 
+TableKey = tuple[str, str]  # (graph path, initializer): see TableRef.key
+
+
 @dataclass(frozen=True)
 class TableRef:
     """An embedding table found in a model: where it is and who reads it.
@@ -95,6 +98,12 @@ class TableRef:
     def consumers(self) -> tuple[Use, ...]:
         """Every use: gathers, slices, then tied uses, then the rest, each in graph order."""
         return self.gathers + self.slices + self.tied + self.other
+
+    @property
+    def key(self) -> TableKey:
+        """The table's identity in its model, ``(graph path, initializer)``: a name alone is not one, as
+        each branch of an ``If`` (any subgraph) may define its own ``W``."""
+        return (self.graph, self.initializer)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (lists, strings, ints, None)."""

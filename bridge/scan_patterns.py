@@ -21,6 +21,9 @@ from typing import Any, Protocol
 import numpy as np
 import onnx
 
+from bridge.errors import UnsupportedError
+from bridge.onnx_io import tensor_dtype
+
 _DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
 
 
@@ -92,7 +95,8 @@ def cast(step: Step) -> Link | None:
 
 
 def dequantize_linear(step: Step) -> Link | None:
-    """``DequantizeLinear(W, scale[, zero_point])`` with constant scale (and zero point)."""
+    """``DequantizeLinear(W, scale[, zero_point])`` with constant scale (and zero point); ``output_dtype``
+    (opset 23) is recorded by its numpy name."""
     if not _is(step, "DequantizeLinear", _DEFAULT_DOMAINS | {"com.microsoft"}) or step.input_index != 0:
         return None
     inputs = list(step.node.input) + ["", ""]
@@ -105,7 +109,20 @@ def dequantize_linear(step: Step) -> Link | None:
     block_size = attr_int(step.node, "block_size", 0)
     if block_size:
         quant["block_size"] = block_size
+    output_dtype = attr_int(step.node, "output_dtype", 0)
+    if output_dtype:
+        quant["output_dtype"] = onnx_type_name(output_dtype)
     return Link("DequantizeLinear", quant)
+
+
+def onnx_type_name(elem_type: int) -> str:
+    """The numpy name of an ONNX element type (``"float16"``, ``"bfloat16"``); ONNX's own name, lower case,
+    where numpy has none; the number itself for an unknown type."""
+    try:
+        return tensor_dtype(elem_type).name
+    except UnsupportedError:
+        known = elem_type in onnx.TensorProto.DataType.values()
+        return onnx.TensorProto.DataType.Name(elem_type).lower() if known else str(elem_type)
 
 
 def mul_scale_after_cast(step: Step) -> Link | None:

@@ -16,6 +16,7 @@ and, under ``provenance["models"]``, its source, the tables it reads and its cut
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,8 +33,11 @@ from bridge.cut import CutModel, CutSpec, TableCut, cut_gathers, feed_cut_model
 from bridge.errors import InputError
 from bridge.external import external_tensors, move_external_tensors, point_initializer_at_file, save_model
 from bridge.npyio import file_sha256
+from bridge.onnx_casts import table_casts
 from bridge.onnx_io import external_data_info, initializer_array, load_model, safe_child_path
 from bridge.progress import byte_bar
+from bridge.quantization import Quantization
+from bridge.quantization_onnx import quantization_from_ref
 from bridge.scan import TableRef, default_table_name, scan, table_tensor
 from bridge.share_check import CheckResult, check_rewrite, model_inputs, ort_session
 from bridge.store import Store, build_store_files, open_store
@@ -151,7 +155,12 @@ def _read_source(path: Path) -> _Source:
 
 
 def _dedupe(sources: Sequence[_Source]) -> dict[str, _Slot]:
-    """One slot per distinct table content, named after its first initializer."""
+    """One slot per distinct table content (and quantization), named after its first initializer.
+
+    A quantized table keeps its integers (which the rewritten model reads) and its
+    :class:`~bridge.quantization.Quantization`, so the store serves the dequantized vectors, as
+    :func:`bridge.extract.extract` does; the same integers with other parameters are another table.
+    """
     slots: dict[str, _Slot] = {}
     taken: set[str] = set()
     for src in sources:
@@ -159,16 +168,38 @@ def _dedupe(sources: Sequence[_Source]) -> dict[str, _Slot]:
             tensor = table_tensor(src.model, ref)
             array = initializer_array(tensor, src.path.parent)
             digest = table_digest(array, tensor, src.path.parent)
-            if digest not in slots:
+            quant = _quantization(src, ref, array)
+            key = digest if quant is None else quantization_digest(digest, quant)
+            if key not in slots:
                 name = default_table_name(ref.initializer, taken)
                 taken.add(name)
                 table = EmbeddingTable(name=name, data=array, initializer=ref.initializer,
-                                       metadata={"content_sha256": digest, "shared_by": []})
-                slots[digest] = _Slot(table, table.metadata["shared_by"])
-            slot = slots[digest]
+                                       metadata={"content_sha256": digest, "shared_by": []}, quantization=quant)
+                slots[key] = _Slot(table, table.metadata["shared_by"])
+            slot = slots[key]
             slot.users.append({"model": str(src.path), "initializer": ref.initializer, "graph": ref.graph})
             src.tables[(ref.graph, ref.initializer)] = slot.table.name
     return slots
+
+
+def _quantization(src: _Source, ref: TableRef, array: np.ndarray) -> Quantization | None:
+    """The dequantization of a quantized table (its casts in front checked as extract checks them); None if plain."""
+    if not ref.quantization:
+        return None
+    table_casts(src.model, ref, array.dtype)
+    return quantization_from_ref(src.model, ref, src.path.parent)
+
+
+def quantization_digest(digest: str, quant: Quantization) -> str:
+    """sha256 of a quantized table's key: its content ``digest``, the scheme and every parameter's dtype,
+    shape and bytes."""
+    h = hashlib.sha256(f"{digest}\n{json.dumps(quant.metadata(), sort_keys=True)}\n".encode())
+    for param in (quant.scale, quant.zero_point):
+        if param is not None:
+            h.update(f"{param.dtype.name}{list(param.shape)}\n".encode())
+            h.update(np.ascontiguousarray(param).tobytes())
+        h.update(b"|")
+    return h.hexdigest()
 
 
 def table_digest(array: np.ndarray, tensor: onnx.TensorProto | None = None, base_dir: Path | None = None) -> str:
@@ -241,7 +272,9 @@ def _cut(model: onnx.ModelProto, src: _Source, store: Store) -> tuple[list[CutSp
         ok = [u.node for u in ref.gathers if ref.graph == "" and u.graph == "" and set(u.via) <= _CUTTABLE_VIA]
         kept += [f"table {name!r}, {u.node}: the lookup is in a subgraph or goes through {', '.join(u.via)}"
                  for u in ref.gathers if u.node not in ok]
-        if ok and ref.quantization is None:
+        if ok and ref.quantization is not None:
+            kept += [f"table {name!r}, {node}: the model dequantizes the rows it gathers" for node in ok]
+        elif ok:
             plan.append(TableCut(table=name, gathers=tuple(ok),
                                  shape=(int(ref.shape[0]), int(ref.shape[1])), dtype=store[name].dtype))
     specs, not_cut = cut_gathers(model, plan)

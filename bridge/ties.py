@@ -18,6 +18,9 @@ and the whole constant only when they agree, chunk by chunk, bit for bit (``-0.0
 payloads included). External data is memory-mapped, so rejecting a candidate reads a few rows; an
 inline candidate of a fitting shape is handed out by protobuf as one bytes object (the model is
 already in memory), then compared the same way.
+
+A table is known by :attr:`~bridge.scan.TableRef.key`, ``(graph path, initializer)``: two subgraphs
+(the branches of an ``If``) may each define their own ``W``, and each gets its own ties.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import onnx
 
 from bridge.errors import UnsupportedError
 from bridge.onnx_io import initializer_array, node_label, subgraphs, tensor_dtype
-from bridge.scan import PASS_THROUGH, TableRef, Use, table_tensor
+from bridge.scan import PASS_THROUGH, TableKey, TableRef, Use, table_tensor
 
 _Key = tuple[str, str]  # (graph path where the constant is defined, name)
 _PROJECTIONS = frozenset({"MatMul", "Gemm"})
@@ -77,26 +80,26 @@ def find_ties(
     refs: Sequence[TableRef],
     base_dir: Path | None = None,
     *,
-    arrays: Mapping[str, np.ndarray] | None = None,
+    arrays: Mapping[TableKey, np.ndarray] | None = None,
     samples: int = 8,
-) -> dict[str, tuple[Tie, ...]]:
-    """``{table initializer: ties}`` for every ref in ``refs`` (an empty tuple where none is tied).
+) -> dict[TableKey, tuple[Tie, ...]]:
+    """``{ref.key: ties}`` for every ref in ``refs`` (an empty tuple where none is tied).
 
-    ``arrays`` may hold the tables' data already read (keyed by initializer name) so they are not
+    ``arrays`` may hold the tables' data already read (keyed by :attr:`TableRef.key`) so they are not
     read again; ``base_dir`` is the model's directory, for external data. ``samples`` rows are
     compared before a full comparison.
     """
     operands = list(_projection_operands(model))
-    result: dict[str, tuple[Tie, ...]] = {}
+    result: dict[TableKey, tuple[Tie, ...]] = {}
     for ref in refs:
         fits = [op for op in operands if _fits(ref, op)]
         if not fits:
-            result[ref.initializer] = ()
+            result[ref.key] = ()
             continue
-        table = (arrays or {}).get(ref.initializer)
+        table = (arrays or {}).get(ref.key)
         if table is None:
             table = initializer_array(table_tensor(model, ref), base_dir)
-        result[ref.initializer] = _ties_for(ref, table, fits, base_dir, samples)
+        result[ref.key] = _ties_for(ref, table, fits, base_dir, samples)
     return result
 
 

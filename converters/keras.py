@@ -194,7 +194,7 @@ def _tables(loaded: LoadedModel, model: onnx.ModelProto, warnings: list[str]) ->
     vocabs = embedding_vocabularies(loaded.model) if is_keras else {}
     onnx_vocabs = onnx_vocabularies(model, [ref for ref, _ in refs_and_data])
     ties = find_ties(model, [ref for ref, _ in refs_and_data], None,
-                     arrays={ref.initializer: data for ref, data in refs_and_data})
+                     arrays={ref.key: data for ref, data in refs_and_data})
     taken: set[str] = set()
     tables = []
     for (ref, data), sources in zip(refs_and_data, matches, strict=True):
@@ -202,8 +202,8 @@ def _tables(loaded: LoadedModel, model: onnx.ModelProto, warnings: list[str]) ->
         taken.add(name)
         quant = quantization_from_ref(model, ref, None)
         table = build_table(name, ref, data, sources, vocabs, warnings, quant)
-        table.metadata["ties"] = ties_json(ties[ref.initializer])
-        tables.append(with_onnx_vocabulary(table, onnx_vocabs.get(ref.initializer), warnings))
+        table.metadata["ties"] = ties_json(ties[ref.key])
+        tables.append(with_onnx_vocabulary(table, onnx_vocabs.get(ref.key), warnings))
     truncations = find_truncations(model, candidates, matches, {ref.initializer for ref, _ in refs_and_data})
     for trunc in truncations:
         name = table_name(None, [trunc.candidate], taken)

@@ -128,14 +128,14 @@ def torch_tables(model: onnx.ModelProto, base_dir: Path | None, module: Any) -> 
     """The tables of ``model`` (exported from ``module``), mapped to state_dict keys, with ties; and warnings."""
     pairs = read_tables(model, base_dir)
     matches = map_tables([data for _, data in pairs], module)
-    ties = find_ties(model, [ref for ref, _ in pairs], base_dir, arrays={ref.initializer: d for ref, d in pairs})
+    ties = find_ties(model, [ref for ref, _ in pairs], base_dir, arrays={ref.key: d for ref, d in pairs})
     warns: list[str] = []
     taken: set[str] = set()
     tables = []
     for (ref, data), cands in zip(pairs, matches, strict=True):
         name = default_table_name(cands[0].weight if cands else ref.initializer, taken)
         taken.add(name)
-        tables.append(_table(name, ref, data, cands, ties.get(ref.initializer, ()), warns))
+        tables.append(_table(name, ref, data, cands, ties.get(ref.key, ()), warns))
     found = {c.weight for cands in matches for c in cands}
     warns += [f"embedding {key!r} has no table in the exported model (unused by forward(), or folded)"
               for key in embedding_keys(module) if key not in found]

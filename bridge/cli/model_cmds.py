@@ -61,7 +61,7 @@ def inspect_rows(model_path: Path) -> list[dict[str, Any]]:
         info = ref.to_json()
         extra = {k: v for k, v in info.items() if k not in ("initializer", "shape", "dtype", "consumers")}
         rows.append({"name": name, "initializer": ref.initializer, "shape": list(ref.shape), "dtype": ref.dtype,
-                     "consumers": info["consumers"], "ties": ties_json(ties[ref.initializer]),
+                     "consumers": info["consumers"], "ties": ties_json(ties[ref.key]),
                      **extra})
     return rows
 

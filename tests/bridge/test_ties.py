@@ -32,8 +32,8 @@ def _only_tie(model: onnx.ModelProto, base_dir: Path | None = None) -> Tie:
     refs = scan(model)
     assert [r.initializer for r in refs] == ["W"]
     ties = find_ties(model, refs, base_dir)
-    assert len(ties["W"]) == 1, ties
-    return ties["W"][0]
+    assert len(ties[("", "W")]) == 1, ties
+    return ties[("", "W")][0]
 
 
 def test_folded_transposed_copy_like_tf2onnx(onnx_kit) -> None:
@@ -57,7 +57,7 @@ def test_gemm_transb_copy_and_transpose_copy(onnx_kit) -> None:
         helper.make_node("Add", ["a", "b"], ["logits"], name="add"),
     ]
     model = _lm(onnx_kit, table, head, [onnx_kit.init("W_copy", table.copy()), onnx_kit.init("W_copy2", table.copy())])
-    ties = find_ties(model, scan(model))["W"]
+    ties = find_ties(model, scan(model))[("", "W")]
     found = {(t.initializer, t.layout, t.consumers[0].node, t.consumers[0].via) for t in ties}
     assert found == {("W_copy", "copy", "gemm", ()), ("W_copy2", "copy", "mm", ("Transpose",))}
 
@@ -72,7 +72,7 @@ def test_shared_initializer_like_torch_exporters(onnx_kit) -> None:
         helper.make_node("Add", ["a", "b"], ["logits"], name="add"),
     ]
     model = _lm(onnx_kit, table, head, [])
-    (tie,) = find_ties(model, scan(model))["W"]
+    (tie,) = find_ties(model, scan(model))[("", "W")]
     assert (tie.initializer, tie.layout) == ("W", "shared")
     assert sorted((u.node, u.via) for u in tie.consumers) == [("gemm", ()), ("mm", ("Transpose",))]
     assert ties_json([tie])[0]["consumers"][0]["role"] == "tied"
@@ -120,7 +120,7 @@ def test_wrong_orientation_is_not_a_tie(onnx_kit) -> None:
     table = _table(D, D)
     head = [helper.make_node("MatMul", ["h", "W_same"], ["logits"], name="head")]
     model = _lm(onnx_kit, table, head, [onnx_kit.init("W_same", table.copy())])
-    assert find_ties(model, scan(model)) == {"W": ()}
+    assert find_ties(model, scan(model)) == {("", "W"): ()}
     head_t = [helper.make_node("MatMul", ["h", "W_T"], ["logits"], name="head")]
     model_t = _lm(onnx_kit, table, head_t, [onnx_kit.init("W_T", np.ascontiguousarray(table.T))])
     assert _only_tie(model_t).layout == "transposed"
@@ -133,7 +133,7 @@ def test_one_differing_value_is_not_a_tie(onnx_kit, row: int) -> None:
     copy[2, row] = np.nextafter(copy[2, row], np.float32(np.inf))
     head = [helper.make_node("MatMul", ["h", "W_T"], ["logits"], name="head")]
     model = _lm(onnx_kit, table, head, [onnx_kit.init("W_T", copy)])
-    assert find_ties(model, scan(model), samples=2) == {"W": ()}  # samples=2: rows 0 and 11 only
+    assert find_ties(model, scan(model), samples=2) == {("", "W"): ()}  # samples=2: rows 0 and 11 only
 
 
 def test_comparison_is_bitwise(onnx_kit) -> None:
@@ -144,7 +144,7 @@ def test_comparison_is_bitwise(onnx_kit) -> None:
     copy[1, 3] = -0.0
     head = [helper.make_node("MatMul", ["h", "W_T"], ["logits"], name="head")]
     model = _lm(onnx_kit, table, head, [onnx_kit.init("W_T", copy)])
-    assert find_ties(model, scan(model)) == {"W": ()}
+    assert find_ties(model, scan(model)) == {("", "W"): ()}
 
 
 def test_other_dtype_is_not_a_tie(onnx_kit) -> None:
@@ -153,7 +153,7 @@ def test_other_dtype_is_not_a_tie(onnx_kit) -> None:
             helper.make_node("MatMul", ["h16", "W_T"], ["l16"], name="head"),
             helper.make_node("Cast", ["l16"], ["logits"], name="back", to=TensorProto.FLOAT)]
     model = _lm(onnx_kit, table, head, [onnx_kit.init("W_T", np.ascontiguousarray(table.T).astype(np.float16))])
-    assert find_ties(model, scan(model)) == {"W": ()}
+    assert find_ties(model, scan(model)) == {("", "W"): ()}
 
 
 def test_tie_inside_a_loop_body_reading_an_outer_initializer(onnx_kit) -> None:
@@ -201,7 +201,7 @@ def test_tensors_of_other_shapes_are_never_read(onnx_kit, tmp_path: Path) -> Non
     inits = [onnx_kit.init("W", table), onnx_kit.init("W_T", np.ascontiguousarray(table.T)), other]
     model = onnx_kit.model(nodes, [onnx_kit.ids()], outputs, inits, check=False)
     ties = find_ties(model, scan(model), tmp_path)
-    assert [t.initializer for t in ties["W"]] == ["W_T"]
+    assert [t.initializer for t in ties[("", "W")]] == ["W_T"]
 
     # the same missing file behind a constant whose shape fits *is* read, and the error says so
     model.graph.initializer[1].CopyFrom(_external(onnx_kit.init("W_T", np.ascontiguousarray(table.T)), "gone.bin"))
@@ -216,7 +216,7 @@ def test_arrays_given_are_used_instead_of_reading_the_table(onnx_kit, tmp_path: 
     model = _lm(onnx_kit, table, head, [onnx_kit.init("W_T", np.ascontiguousarray(table.T))])
     model.graph.initializer[0].CopyFrom(_external(onnx_kit.init("W", table), "table.bin"))
     refs = scan(model)
-    assert find_ties(model, refs, tmp_path, arrays={"W": table})["W"][0].initializer == "W_T"
+    assert find_ties(model, refs, tmp_path, arrays={("", "W"): table})[("", "W")][0].initializer == "W_T"
     with pytest.raises(ModelFormatError):
         find_ties(model, refs, tmp_path)
 
@@ -234,4 +234,4 @@ def test_untied_model_and_every_table_listed(onnx_kit) -> None:
     table = _table()
     head = [helper.make_node("MatMul", ["h", "P"], ["logits"], name="head")]
     model = _lm(onnx_kit, table, head, [onnx_kit.init("P", _table(D, V, seed=3))])
-    assert find_ties(model, scan(model)) == {"W": ()}
+    assert find_ties(model, scan(model)) == {("", "W"): ()}

@@ -1,0 +1,215 @@
+"""``embridge share`` on quantized tables: the shared store keeps the quantization, and serves what the model serves.
+
+Each model is rewritten to read its integer table from the store; the store holds the integers, the scale
+and zero point files and the scheme, so every backend's lookup equals the original model's dequantized
+Gather bit for bit, and the rewritten model gives the original's outputs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from bridge.backends import lookup
+from bridge.cli import main
+from bridge.errors import UnsupportedError
+from bridge.extract import extract
+from bridge.quantization import dense
+from bridge.share import share
+from bridge.store import open_store
+from bridge.store_parity import store_parity
+
+V, D, BLOCK = 29, 10, 4
+G = -(-D // BLOCK)
+BACKENDS = ("numpy", "torch", "onnxruntime")
+RNG = np.random.default_rng(5)
+Q8 = RNG.integers(-128, 128, (V, D)).astype(np.int8)
+QU8 = RNG.integers(0, 256, (V, D)).astype(np.uint8)
+
+
+def _scale(*shape: int) -> np.ndarray:
+    return (RNG.random(shape) * 0.2 + 1e-3).astype(np.float32)
+
+
+def _init(name: str, array: Any) -> TensorProto:
+    return numpy_helper.from_array(np.asarray(array), name)
+
+
+def _model(nodes: list[onnx.NodeProto], inits: list[TensorProto], *, opset: int = 17,
+           out_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "quantized", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+                              [helper.make_tensor_value_info("out", out_type, ["n", D])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _dql(q: Any, scale: Any, zero: Any = None, *, opset: int = 17, out_type: int = TensorProto.FLOAT,
+         **attrs: Any) -> onnx.ModelProto:
+    """``Gather(DequantizeLinear(Q, S[, Z]), ids)``."""
+    inputs = ["Q", "S"] + (["Z"] if zero is not None else [])
+    inits = [_init("Q", q), _init("S", scale)] + ([_init("Z", zero)] if zero is not None else [])
+    nodes = [helper.make_node("DequantizeLinear", inputs, ["W"], name="dq", **attrs),
+             helper.make_node("Gather", ["W", "ids"], ["out"], name="lookup")]
+    return _model(nodes, inits, opset=opset, out_type=out_type)
+
+
+def _mul(scale: np.ndarray) -> onnx.ModelProto:
+    """``Gather(Mul(Cast(Q), S), ids)``."""
+    nodes = [helper.make_node("Cast", ["Q"], ["Qf"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["Qf", "S"], ["W"], name="scale"),
+             helper.make_node("Gather", ["W", "ids"], ["out"], name="lookup")]
+    return _model(nodes, [_init("Q", Q8), _init("S", scale)])
+
+
+def _keras_int8() -> onnx.ModelProto:
+    """``Cast(Gather(Q, ids)) / Unsqueeze(Gather(S, ids), axes=[1])``: the scale is gathered after the lookup."""
+    nodes = [helper.make_node("Gather", ["Q", "ids"], ["q_rows"], name="lookup"),
+             helper.make_node("Cast", ["q_rows"], ["q_float"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["S", "ids"], ["s_rows"], name="scale_lookup"),
+             helper.make_node("Unsqueeze", ["s_rows", "axes"], ["s_col"], name="expand"),
+             helper.make_node("Div", ["q_float", "s_col"], ["out"], name="dequantize")]
+    return _model(nodes, [_init("Q", Q8), _init("S", _scale(V)), _init("axes", np.array([1], np.int64))])
+
+
+def _keras_int4() -> onnx.ModelProto:
+    """``(Cast(Q[ids]) - Cast(Z[ids][:, g])) * S[ids][:, g]``: Keras int4 with blocks."""
+    nodes = [helper.make_node("Gather", ["Q", "ids"], ["q_rows"], name="lookup"),
+             helper.make_node("Cast", ["q_rows"], ["q_float"], name="cast", to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["Z", "ids"], ["z_rows"], name="zero_rows"),
+             helper.make_node("Gather", ["z_rows", "g_idx"], ["z_cols"], name="zero_cols", axis=-1),
+             helper.make_node("Cast", ["z_cols"], ["z_float"], name="zero_cast", to=TensorProto.FLOAT),
+             helper.make_node("Gather", ["S", "ids"], ["s_rows"], name="scale_rows"),
+             helper.make_node("Gather", ["s_rows", "g_idx"], ["s_cols"], name="scale_cols", axis=-1),
+             helper.make_node("Sub", ["q_float", "z_float"], ["centered"], name="sub"),
+             helper.make_node("Mul", ["centered", "s_cols"], ["out"], name="mul")]
+    q4 = RNG.integers(-8, 8, (V, D)).astype(np.int8)
+    zero = RNG.integers(-8, 8, (V, G)).astype(np.int8)
+    g_idx = np.arange(D, dtype=np.int64) // BLOCK
+    return _model(nodes, [_init("Q", q4), _init("Z", zero), _init("S", _scale(V, G)), _init("g_idx", g_idx)])
+
+
+def _half_exact(*shape: int) -> np.ndarray:
+    return _scale(*shape).astype(np.float16).astype(np.float32)
+
+
+CASES: dict[str, Callable[[], onnx.ModelProto]] = {
+    "dql_per_tensor": lambda: _dql(Q8, np.float32(0.0371), np.int8(-3)),
+    "dql_per_row_uint8": lambda: _dql(QU8, _scale(V), RNG.integers(0, 256, V).astype(np.uint8), axis=0),
+    "dql_blocked": lambda: _dql(Q8, _scale(V, G), RNG.integers(-8, 8, (V, G)).astype(np.int8), opset=21, axis=1,
+                                block_size=BLOCK),
+    "dql_output_float16": lambda: _dql(Q8, _half_exact(V), None, opset=23, out_type=TensorProto.FLOAT16, axis=0,
+                                       output_dtype=TensorProto.FLOAT16),
+    "mul_per_column": lambda: _mul(_scale(1, D)),
+    "keras_int8": _keras_int8,
+    "keras_int4_blocks": _keras_int4,
+}
+
+
+def _save(model: onnx.ModelProto, path: Path, *, external: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if external:
+        onnx.save(model, path, save_as_external_data=True, location=f"{path.stem}.data", size_threshold=0)
+    else:
+        onnx.save(model, path)
+    return path
+
+
+def _run(model: onnx.ModelProto | Path, ids: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, providers=["CPUExecutionProvider"])
+    return session.run(None, {"ids": ids.reshape(-1).astype(np.int64)})[0].reshape(ids.shape + (D,))
+
+
+def _assert_serves(table: Any, model: onnx.ModelProto | Path) -> None:
+    """Every backend (and the dense table) equals ``model``'s output for every id, bit for bit."""
+    expected = _run(model, np.arange(V))
+    assert table.served_dtype == expected.dtype and dense(table).tobytes() == expected.tobytes()
+    for backend in BACKENDS:
+        fn = lookup(table, backend)
+        for ids in (np.arange(V), RNG.integers(0, V, (3, 5)), np.array(V - 1)):
+            assert fn(ids).tobytes() == expected[ids].tobytes(), (backend, ids)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shared_quantized_table_keeps_its_quantization(tmp_path: Path, case: str) -> None:
+    model = CASES[case]()
+    src = _save(model, tmp_path / "src" / "model.onnx")
+    result = share([src], tmp_path / "out")
+    (shared,) = result.models
+    assert shared.check.verified, shared.check
+    store = open_store(tmp_path / "out")  # verifies every sha256, scale and zero point files included
+    table = store["Q"]
+    extract(src, tmp_path / "extracted")
+    extracted = open_store(tmp_path / "extracted")["Q"]
+    assert table.quantization is not None and extracted.quantization is not None
+    assert table.quantization.metadata() == extracted.quantization.metadata()
+    assert table.data.tobytes() == extracted.data.tobytes() and table.dtype == extracted.dtype
+    assert table.quantization.scale.tobytes() == extracted.quantization.scale.tobytes()
+    entry = store.entry("Q")["quantization"]
+    assert all((tmp_path / "out" / entry[k]["file"]).is_file() for k in ("scale", "zero_point") if entry.get(k))
+    _assert_serves(table, model)
+    ids = RNG.integers(0, V, (4, 3))
+    rewritten = tmp_path / "out" / shared.file
+    assert _run(rewritten, ids).tobytes() == _run(model, ids).tobytes()
+    report = store_parity(tmp_path / "out", onnx_model=src)
+    assert report, report.to_text()
+
+
+def test_same_integers_with_other_parameters_are_other_tables(tmp_path: Path) -> None:
+    scale = _scale(V)
+    models = {"a": _dql(Q8, scale, axis=0), "b": _dql(Q8, scale * 2, axis=0), "c": _dql(Q8, scale, axis=0),
+              "plain": _model([helper.make_node("Gather", ["Q", "ids"], ["out"])], [_init("Q", Q8)],
+                              out_type=TensorProto.INT8)}
+    paths = [_save(m, tmp_path / "src" / f"{name}.onnx", external=name == "c") for name, m in models.items()]
+    result = share(paths, tmp_path / "out")
+    assert all(m.check.verified for m in result.models)
+    store = open_store(tmp_path / "out")
+    names = [m.tables["Q"] for m in result.models]
+    assert len(store) == 3 and names[0] == names[2] and len(set(names)) == 3
+    assert [u["model"] for u in store.entry(names[0])["metadata"]["shared_by"]] == [str(paths[0]), str(paths[2])]
+    for name, path in zip(names, paths, strict=True):
+        _assert_serves(store[name], path)
+    assert store[names[3]].quantization is None and store[names[3]].dtype == np.int8
+
+
+def test_cut_keeps_quantized_lookups_and_says_so(tmp_path: Path) -> None:
+    model = _keras_int8()
+    result = share([_save(model, tmp_path / "m.onnx")], tmp_path / "out", cut=True)
+    (shared,) = result.models
+    assert not shared.cut and shared.check.verified
+    assert len(shared.kept) == 1 and "dequantizes" in shared.kept[0]
+    _assert_serves(open_store(tmp_path / "out")["Q"], model)
+
+
+@pytest.mark.parametrize(("model", "why"), [
+    (lambda: _mul(_scale(V, D)), "scale has shape"),
+    (lambda: _dql(Q8, np.array(0.0123456789, np.float32), opset=23, out_type=TensorProto.FLOAT16,
+                  output_dtype=TensorProto.FLOAT16), "output_dtype is float16"),
+])
+def test_a_quantization_the_store_cannot_serve_is_refused(tmp_path: Path, model: Callable[[], onnx.ModelProto],
+                                                          why: str) -> None:
+    src = _save(model(), tmp_path / "m.onnx")
+    with pytest.raises(UnsupportedError, match=rf"table 'Q' is quantized .*{why}"):
+        share([src], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_share_then_lookup_serves_dequantized_vectors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    model = _dql(Q8, _scale(V), axis=0)
+    src = _save(model, tmp_path / "m.onnx")
+    assert main(["share", str(src), "-o", str(tmp_path / "out"), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["lookup", str(tmp_path / "out"), "--table", "Q", "--ids", "0,7", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["dtype"] == "float32"
+    assert np.array(doc["vectors"], np.float32).tobytes() == _run(model, np.array([0, 7])).tobytes()
