@@ -30,10 +30,10 @@ from bridge import dtypes
 from bridge import manifest as mf
 from bridge.atomic import atomic_directory, check_output_dir
 from bridge.cut import CutModel, CutSpec, TableCut, cut_gathers, feed_cut_model
-from bridge.errors import InputError
+from bridge.errors import InputError, UnsupportedError
 from bridge.external import external_tensors, move_external_tensors, point_initializer_at_file, save_model
 from bridge.npyio import file_sha256
-from bridge.onnx_casts import table_casts
+from bridge.onnx_casts import has_cast, table_casts
 from bridge.onnx_io import external_data_info, initializer_array, load_model, safe_child_path
 from bridge.progress import byte_bar
 from bridge.quantization import Quantization
@@ -173,13 +173,30 @@ def _dedupe(sources: Sequence[_Source]) -> dict[str, _Slot]:
             if key not in slots:
                 name = default_table_name(ref.initializer, taken)
                 taken.add(name)
-                table = EmbeddingTable(name=name, data=array, initializer=ref.initializer,
-                                       metadata={"content_sha256": digest, "shared_by": []}, quantization=quant)
+                meta = {"content_sha256": digest, "shared_by": [], **_cast_note(src, ref, array)}
+                table = EmbeddingTable(name=name, data=array, initializer=ref.initializer, metadata=meta,
+                                       quantization=quant)
                 slots[key] = _Slot(table, table.metadata["shared_by"])
             slot = slots[key]
             slot.users.append({"model": str(src.path), "initializer": ref.initializer, "graph": ref.graph})
             src.tables[(ref.graph, ref.initializer)] = slot.table.name
     return slots
+
+
+def _cast_note(src: _Source, ref: TableRef, array: np.ndarray) -> dict[str, Any]:
+    """``{"model_casts": ...}`` for a plain table the model reads through ``Cast`` nodes, else ``{}``.
+
+    The store keeps the initializer's values, which the rewritten model reads and still casts; a lookup
+    from the store serves those values, not the cast ones (``embridge extract`` stores the cast ones).
+    """
+    if ref.quantization or not has_cast(ref):
+        return {}
+    try:
+        chain = [d.name for d in table_casts(src.model, ref, array.dtype)]
+    except UnsupportedError as exc:
+        return {"model_casts": {"from": array.dtype.name, "note": str(exc)}}
+    return {"model_casts": {"from": array.dtype.name, "chain": chain,
+                            "note": "the models cast these values after reading them; lookups serve them uncast"}}
 
 
 def _quantization(src: _Source, ref: TableRef, array: np.ndarray) -> Quantization | None:

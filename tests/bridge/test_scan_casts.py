@@ -393,3 +393,17 @@ def test_the_refused_output_dtype_really_differs_in_onnxruntime() -> None:
     got = _ort_rows(_dql_model(Q8, scale, None, TensorProto.FLOAT16), np.arange(V))
     assert got.tobytes() == (Q8.astype(np.float32) * scale).astype(np.float16).tobytes()
     assert got.tobytes() != (Q8.astype(np.float16) * scale.astype(np.float16)).tobytes()
+
+
+def test_share_keeps_the_initializer_and_records_the_models_casts(tmp_path: Path) -> None:
+    """The rewritten model reads the store's bytes and casts them itself, so share stores them uncast and says so."""
+    from bridge.share import share
+
+    table = _float_table(np.dtype(np.float32))
+    model = _cast_model(table, ["float16"])
+    onnx.save(model, tmp_path / "model.onnx")
+    share([tmp_path / "model.onnx"], tmp_path / "shared")
+    stored = open_store(tmp_path / "shared")["W"]
+    assert stored.data.tobytes() == table.tobytes()
+    assert stored.metadata["model_casts"]["chain"] == ["float16"]
+    assert "lookups serve them uncast" in stored.metadata["model_casts"]["note"]
