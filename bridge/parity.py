@@ -119,8 +119,8 @@ def _element_diff(
     ref: np.ndarray, cand: np.ndarray, tolerance: tuple[float, float] | None
 ) -> tuple[np.ndarray, float]:
     """Per-element mismatch mask of two ``[n, dim]`` arrays, and the max absolute difference."""
-    r, c = ref.astype(np.float64), cand.astype(np.float64)
-    with np.errstate(invalid="ignore", over="ignore"):
+    with np.errstate(invalid="ignore", over="ignore"):  # NaNs (signalling ones warn when cast) and infinities
+        r, c = ref.astype(np.float64), cand.astype(np.float64)
         diff = np.abs(r - c)
         equal = r == c
         if tolerance is None:
