@@ -26,7 +26,7 @@ from bridge.onnx_vocab import OnnxVocab
 from bridge.table import EmbeddingTable, SourceRef
 from bridge.vocab import Vocabulary
 from converters.keras_map import Candidate, same_bytes
-from converters.keras_precision import cast_warning, compute_dtype_metadata
+from converters.keras_precision import cast_warning, compute_dtype_metadata, folded_cast_metadata, folded_cast_warning
 
 #: Ops a folded lookup result is read by, for :func:`truncated_tables` (a position table added to tokens).
 TRUNCATION_READERS = frozenset({"Add"})
@@ -48,6 +48,10 @@ def layer_metadata(name: str, layers: Sequence[Any], table_dtype: np.dtype[Any],
     if cast:
         meta.update(cast)
         warnings.append(cast_warning(name, table_dtype, cast))
+    folded = folded_cast_metadata(layers, table_dtype)
+    if folded:
+        meta.update(folded)
+        warnings.append(folded_cast_warning(name, table_dtype, folded))
     return meta
 
 

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 
@@ -63,9 +64,25 @@ def match_tables(tables: Sequence[np.ndarray], candidates: Sequence[Candidate]) 
             continue
         arr = np.asarray(cand.load())
         by_digest[digest(arr)].append((cand, arr))
+        cast = compute_cast(cand, arr)
+        if cast is not None:
+            by_digest[digest(cast)].append((cand, cast))
     result = []
     for table in tables:
         hits = [c for c, arr in by_digest.get(digest(table), []) if same_bytes(arr, table)]
         primary = [c for c in hits if c.primary]
         result.append(primary or hits)
     return result
+
+
+def compute_cast(cand: Candidate, arr: np.ndarray) -> np.ndarray | None:
+    """The weight cast to its layer's compute dtype, where that differs (a mixed-precision layer), else None.
+
+    A mixed-precision model loaded from a file gathers from its float32 table cast to float16 (or
+    bfloat16), and tf2onnx folds the cast into the ONNX constant: that constant equals this array.
+    """
+    compute = str(getattr(cand.obj, "compute_dtype", "") or "")
+    if arr.dtype.kind != "f" or compute not in ("float16", "bfloat16") or getattr(cand.obj, "quantization_mode", None):
+        return None
+    target = np.dtype(ml_dtypes.bfloat16) if compute == "bfloat16" else np.dtype(np.float16)
+    return arr.astype(target) if target != arr.dtype else None

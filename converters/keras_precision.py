@@ -72,6 +72,34 @@ def compute_dtype_metadata(layers: Sequence[Any], table_dtype: np.dtype[Any]) ->
     return {}
 
 
+#: Metadata key on a table that holds its Keras weight already cast to the compute dtype (see below).
+VARIABLE_DTYPE = "keras_variable_dtype"
+
+
+def folded_cast_metadata(layers: Sequence[Any], table_dtype: np.dtype[Any]) -> dict[str, str]:
+    """``{keras_variable_dtype, keras_dtype_policy}`` when the table is the layers' weight cast to their compute dtype.
+
+    A mixed-precision model loaded from a file runs its layers in its own autocast scope: the Embedding
+    reads its float32 weight cast to float16 (the whole table) and then gathers, and tf2onnx folds that
+    cast into the constant. The ONNX model then holds a float16 table, which is also what Keras serves.
+    """
+    for layer in layers:
+        variable = str(getattr(layer, "variable_dtype", "") or "")
+        compute = str(getattr(layer, "compute_dtype", "") or "")
+        if variable in _FLOATS and compute == np.dtype(table_dtype).name and _FLOATS[variable] != _FLOATS[compute]:
+            return {VARIABLE_DTYPE: variable, DTYPE_POLICY: _policy_name(layer)}
+    return {}
+
+
+def folded_cast_warning(name: str, table_dtype: np.dtype[Any], meta: dict[str, str]) -> str:
+    """The conversion warning for a table that holds the Keras weight cast to the compute dtype."""
+    dtype = np.dtype(table_dtype).name
+    return (f"table {name!r} is the Keras weight ({meta[VARIABLE_DTYPE]}) cast to {dtype}: the model, loaded from a "
+            f"file, casts the whole table before its lookup (dtype policy {meta.get(DTYPE_POLICY) or '?'}) and "
+            f"tf2onnx folded that cast into the ONNX constant; the store serves these {dtype} rows, which Keras and "
+            f"the ONNX model serve too (the {meta[VARIABLE_DTYPE]} weights stay in the Keras model)")
+
+
 def cast_warning(name: str, table_dtype: np.dtype[Any], meta: dict[str, str]) -> str:
     """The conversion warning for a table whose Keras layer casts after the lookup."""
     compute = meta[COMPUTE_DTYPE]

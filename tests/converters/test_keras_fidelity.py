@@ -264,6 +264,29 @@ def test_mixed_policy_table_is_float32_and_keras_is_its_cast(kmodels: Any, conve
     assert all(c.reference == f"numpy.take->{compute}" for c in conv.rows("mixed_emb", "keras"))
 
 
+@pytest.mark.parametrize("name", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_policy_model_from_a_file_maps_its_folded_table(kmodels: Any, tmp_path: Any, name: str) -> None:
+    """Loaded from a ``.keras`` file, the model casts its whole table before the lookup and tf2onnx folds
+    the cast: the ONNX table is the weight cast to the compute dtype. It is mapped to its layer all the
+    same, and Keras, the ONNX model and every backend serve those rows bit for bit."""
+    with global_policy(kmodels.keras, name):
+        kmodels.seed(21)
+        model = mixed_model(kmodels.keras)
+    model.save(tmp_path / "m.keras")
+    result = convert(tmp_path / "m.keras", tmp_path / "store")
+    compute = name.removeprefix("mixed_")
+    table = result.store["mixed_emb"]
+    weight = np.asarray(model.get_layer("mixed_emb").embeddings.numpy())
+    assert table.dtype.name == compute and table.data.tobytes() == weight.astype(table.dtype).tobytes()
+    assert [s.layer for s in table.sources] == ["mixed_emb"]
+    assert table.metadata["keras_variable_dtype"] == "float32" and table.metadata["keras_dtype_policy"] == name
+    assert any("cast to" in w and "folded" in w for w in result.warnings)
+    report = conversion_parity(result, backends=BACKENDS)
+    assert report, report.to_text()
+    keras_rows = [c for c in report.comparisons if c.table == "mixed_emb" and c.backend == "keras"]
+    assert keras_rows and all(keras_rows) and all(c.tolerance is None for c in keras_rows)
+
+
 # ----------------------------------------------------------------------------- positions
 
 
