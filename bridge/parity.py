@@ -47,9 +47,15 @@ class Comparison:
     tolerance: tuple[float, float] | None  # (atol, rtol); None = bitwise
     case: str = ""  # the id set, e.g. "all_rows"
     detail: str = ""  # why it failed (or "both raised ..."), empty otherwise
+    skipped: bool = False  # the comparison could not run (``detail`` says why); it neither passes nor fails
 
     def __bool__(self) -> bool:
         return self.passed
+
+    @property
+    def result(self) -> str:
+        """``pass``, ``FAIL`` or ``skipped``, as the report shows it."""
+        return "skipped" if self.skipped else "pass" if self.passed else "FAIL"
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-safe dict (an infinite ``max_abs_diff`` is written as the string ``"inf"``)."""
@@ -338,6 +344,7 @@ def _merge(parts: list[Comparison], case: str | None = None) -> Comparison:
         max_abs_diff=max(p.max_abs_diff for p in parts), mismatches=sum(p.mismatches for p in parts),
         total=sum(p.total for p in parts), first_mismatch_id=firsts[0] if firsts else None,
         tolerance=head.tolerance, case=head.case if case is None else case, detail=details[0] if details else "",
+        skipped=all(p.skipped for p in parts),
     )  # fmt: skip
 
 
@@ -358,6 +365,11 @@ class ParityReport:
     def failures(self) -> list[Comparison]:
         return [c for c in self.comparisons if not c.passed]
 
+    @property
+    def skipped(self) -> list[Comparison]:
+        """Comparisons that could not run (they count as passed: nothing was found to differ)."""
+        return [c for c in self.comparisons if c.skipped]
+
     def extend(self, comparisons: Iterable[Comparison]) -> None:
         """Add rows, e.g. whole-model comparisons computed elsewhere."""
         self.comparisons.extend(comparisons)
@@ -368,6 +380,7 @@ class ParityReport:
             "passed": self.passed,
             "total": len(self.comparisons),
             "failed": len(self.failures),
+            "skipped": len(self.skipped),
             "comparisons": [c.to_json() for c in self.comparisons],
         }
 
@@ -391,10 +404,14 @@ class ParityReport:
         return f"{table}\n{self.summary()}\n"
 
     def summary(self) -> str:
-        n, bad = len(self.comparisons), len(self.failures)
+        n, bad, skipped = len(self.comparisons), len(self.failures), len(self.skipped)
         if not n:
             return "parity: no comparisons were run"
-        return f"parity: all {n} comparisons passed" if not bad else f"parity: FAILED {bad} of {n} comparisons"
+        note = f" ({skipped} could not run: see 'skipped')" if skipped else ""
+        if bad:
+            return f"parity: FAILED {bad} of {n} comparisons{note}"
+        return f"parity: all {n - skipped} comparisons that ran passed{note}" if skipped else \
+            f"parity: all {n} comparisons passed"
 
 
 _HEADERS = ("table", "backend", "reference", "ids", "result", "max abs diff", "mismatches", "first bad id",
@@ -408,5 +425,5 @@ def _cells(c: Comparison, detail_width: int | None = None) -> list[str]:
     detail = " ".join(c.detail.split())
     if detail_width is not None and len(detail) > detail_width:
         detail = detail[: detail_width - 3] + "..."
-    return [c.table, c.backend, c.reference, c.case, "pass" if c.passed else "FAIL", f"{c.max_abs_diff:.3g}",
+    return [c.table, c.backend, c.reference, c.case, c.result, f"{c.max_abs_diff:.3g}",
             f"{c.mismatches}/{c.total}", first, tol, detail]  # fmt: skip

@@ -8,6 +8,7 @@ character is written as is, so a reader that ignores escaping only misreads such
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
@@ -20,6 +21,7 @@ from bridge.errors import InputError, VocabularyError
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
 _UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
+_OOV_NAME = re.compile(r"oov(_[0-9]+)?")  # reserved names of OOV ids: oov, oov_1, oov_2, ...
 
 
 def escape_token(token: str) -> str:
@@ -54,6 +56,11 @@ class Vocabulary:
     ``StringLookup`` maps OOV tokens to its OOV index); ``None`` means the source defines no
     OOV rule and the lookup's index policy decides. ``reserved`` names special ids, for
     example ``{"mask": 0, "oov": 1}``.
+
+    Several OOV ids (Keras ``num_oov_indices=N > 1``) are reserved as ``oov``, ``oov_1``, ...,
+    ``oov_{N-1}`` (:attr:`oov_buckets` counts them; the store saves ``reserved``). Keras then
+    hashes each unknown token (its OOV token ``[UNK]`` too) into one of them, which this package
+    does not reproduce, so :meth:`ids` refuses unknown tokens instead of guessing a bucket.
     """
 
     tokens: list[str]
@@ -73,23 +80,41 @@ class Vocabulary:
 
     @property
     def index(self) -> dict[str, int]:
-        """token -> id; the first occurrence wins when a token repeats (as in Keras)."""
+        """token -> id; the first occurrence wins when a token repeats (as in Keras).
+
+        With several hashed OOV buckets the OOV ids are left out: Keras hashes the OOV token
+        (``[UNK]``) like any unknown token.
+        """
         if self._index is None:
+            hashed = set(self._bucket_ids()) if self.oov_buckets > 1 else set()
             index: dict[str, int] = {}
             for i, tok in enumerate(self.tokens):
-                index.setdefault(tok, i)
+                if i not in hashed:
+                    index.setdefault(tok, i)
             self._index = index
         return self._index
+
+    @property
+    def oov_buckets(self) -> int:
+        """How many OOV ids ``reserved`` names (``oov``, ``oov_1``, ...): 0, 1, or N hashed buckets."""
+        return len(self._bucket_ids())
+
+    def _bucket_ids(self) -> list[int]:
+        """The OOV ids ``reserved`` names, ascending."""
+        return sorted(i for name, i in self.reserved.items() if _OOV_NAME.fullmatch(name))
 
     def ids(self, tokens: Iterable[str] | str, *, missing: int | None = None) -> np.ndarray:
         """Map tokens to an int64 array of ids (vectorized; about 0.05-0.1 us per token).
 
-        Unknown tokens get ``missing`` if given, else ``oov_id``; if neither exists a
-        :class:`VocabularyError` names the first unknown token.
+        Unknown tokens get ``missing`` if given, else ``oov_id``; if neither exists, or the
+        vocabulary has several hashed OOV buckets (:attr:`oov_buckets`) and no ``missing`` is
+        given, a :class:`VocabularyError` names the first unknown token.
         """
         if isinstance(tokens, str):
             return self.ids([tokens], missing=missing).reshape(())
         fallback = missing if missing is not None else self.oov_id
+        if missing is None and self.oov_buckets > 1:
+            fallback = None  # which bucket Keras hashes a token into is not known here
         sentinel = -1 if fallback is None else fallback
         try:
             seq = tokens if isinstance(tokens, Sequence) else list(tokens)
@@ -99,11 +124,23 @@ class Vocabulary:
         _check_missed_are_strings(seq, out, sentinel)
         if fallback is None and out.size and (out < 0).any():
             first = int(np.flatnonzero(out < 0)[0])
-            raise VocabularyError(
-                f"token {seq[first]!r} (position {first}) is not in the vocabulary and the vocabulary "
-                "has no OOV id; use a policy with an OOV row (policy='oov' or 'zero')"
-            )
+            raise VocabularyError(self._unknown_message(seq[first], first))
         return out
+
+    def _unknown_message(self, token: str, position: int) -> str:
+        """Why unknown ``token`` has no id, and what to do instead."""
+        where = f"token {token!r} (position {position}) is not in the vocabulary"
+        if self.oov_buckets <= 1:
+            return f"{where} and the vocabulary has no OOV id; use a policy with an OOV row (policy='oov' or 'zero')"
+        buckets = ", ".join(map(str, self._bucket_ids()))
+        how = ("IntegerLookup: token % N by default" if self.source == "integer_lookup"
+               else "FarmHash64, tf.strings.to_hash_bucket_fast, or SipHash64 with a salt")
+        return (
+            f"{where}; Keras hashes unknown tokens into {self.oov_buckets} OOV buckets (ids {buckets}; {how}), "
+            "which the bridge does not reproduce, so it cannot tell which row Keras serves; look up the ids "
+            "the Keras lookup layer computes (lookup(ids), embridge lookup --ids), or choose a row yourself with "
+            "vocabulary.ids(tokens, missing=<id>) (missing=-1 with policy='zero' gives zero vectors)"
+        )
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the tokens as UTF-8 text, one per line (see the module docstring)."""

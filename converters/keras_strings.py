@@ -5,8 +5,13 @@ ONNX ``Equal`` takes no strings before opset 19, and tf2onnx 1.17 converts Tenso
 <constant>)``: onnxruntime fails at run time with ``stoll`` (it parses the strings as integers) and the
 mask token itself is lost (folded to an integer). :func:`fix_string_equals` replaces each such pair by
 ``Cast(CategoryMapper(token, cats_strings=[mask], cats_int64s=[1], default_int64=0), to=BOOL)``,
-which onnxruntime's CPU provider runs; the mask token comes from the Keras StringLookup layer
-whose vocabulary the neighbouring CategoryMapper holds (or the only mask token of the model).
+which onnxruntime's CPU provider runs.
+
+The mask token is read from the graph when tf2onnx kept it: for a non-empty token (``"[PAD]"``) it
+writes ``Equal(Cast(token), Cast(<string constant>))``, two casts of strings feeding one ``Equal``,
+and the constant is the token compared with. When the constant was folded to an integer (``""``
+becomes ``-1``), the mask token comes from the Keras StringLookup layer whose vocabulary the
+neighbouring CategoryMapper holds (or the only mask token of the model).
 """
 
 from __future__ import annotations
@@ -99,43 +104,96 @@ def string_equal_casts(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, onn
     return pairs
 
 
+_EqualCasts = tuple[onnx.NodeProto, list[onnx.NodeProto]]  # an Equal and the string casts it reads
+
+
+def _string_constant(graph: onnx.GraphProto, name: str) -> bytes | None:
+    """The string a scalar STRING initializer or ``Constant`` named ``name`` holds, else None."""
+    tensor = next((t for t in graph.initializer if t.name == name), None)
+    if tensor is None:
+        tensor = next((a.t for n in graph.node if n.op_type == "Constant" and list(n.output) == [name]
+                       for a in n.attribute if a.name == "value"), None)
+    if tensor is None or tensor.data_type != TensorProto.STRING or list(tensor.dims) or len(tensor.string_data) != 1:
+        return None
+    return bytes(tensor.string_data[0])
+
+
+def _by_equal(pairs: Sequence[tuple[onnx.NodeProto, onnx.NodeProto]]) -> list[_EqualCasts]:
+    """Group ``(Cast, Equal)`` pairs by Equal (first-seen order), each cast once."""
+    groups: dict[int, _EqualCasts] = {}
+    for cast, equal in pairs:
+        casts = groups.setdefault(id(equal), (equal, []))[1]
+        if all(c is not cast for c in casts):
+            casts.append(cast)
+    return list(groups.values())
+
+
+def _compared(graph: onnx.GraphProto, casts: Sequence[onnx.NodeProto],
+              lookups: Sequence[MaskedLookup]) -> tuple[str, bytes] | None:
+    """``(string tensor, token it is compared with)`` for one Equal's string casts, or None if unknown.
+
+    Two casts: one reads a string constant (the token), the other the tensor. One cast: the token
+    was folded to a number, so it comes from the Keras lookups (:func:`_mask_for`).
+    """
+    if len(casts) == 1:
+        mask = _mask_for(graph, casts[0].input[0], lookups)
+        return None if mask is None else (casts[0].input[0], mask.encode("utf-8"))
+    if len(casts) != 2:
+        return None
+    first, second = (_string_constant(graph, cast.input[0]) for cast in casts)
+    if first is not None and second is None:
+        return casts[1].input[0], first
+    if second is not None and first is None:
+        return casts[0].input[0], second
+    return None  # two tensors, or two constants: nothing to map
+
+
+def _mask_test(equal: onnx.NodeProto, source: str, token: bytes) -> list[onnx.NodeProto]:
+    """``Cast(CategoryMapper(source == token), to=BOOL)`` writing the Equal's output."""
+    mapped = f"{equal.output[0]}__is_mask"
+    return [
+        helper.make_node("CategoryMapper", [source], [mapped], domain=_ML, name=f"{equal.name}__mask_mapper",
+                         cats_strings=[token], cats_int64s=[1], default_int64=0),
+        helper.make_node("Cast", [mapped], [equal.output[0]], to=TensorProto.BOOL, name=f"{equal.name}__mask_bool"),
+    ]
+
+
 def fix_string_equals(model: onnx.ModelProto, lookups: Sequence[MaskedLookup]) -> tuple[list[str], list[str]]:
-    """Rewrite the pairs of :func:`string_equal_casts` in place; return ``(fixed, unresolved)`` node names."""
+    """Rewrite the Equals of :func:`string_equal_casts` in place; return ``(fixed, unresolved)`` Equal names."""
     graph = model.graph
     fixed, unresolved = [], []
     replacements: dict[int, list[onnx.NodeProto]] = {}
     dropped: set[int] = set()
-    for cast, equal in string_equal_casts(model):
-        mask = _mask_for(graph, cast.input[0], lookups)
-        if mask is None:
+    for equal, casts in _by_equal(string_equal_casts(model)):
+        compared = _compared(graph, casts, lookups)
+        if compared is None:
             unresolved.append(equal.name or equal.output[0])
             continue
-        mapped = f"{equal.output[0]}__is_mask"
-        replacements[id(equal)] = [
-            helper.make_node("CategoryMapper", [cast.input[0]], [mapped], domain=_ML, name=f"{equal.name}__mask_mapper",
-                             cats_strings=[mask.encode("utf-8")], cats_int64s=[1], default_int64=0),
-            helper.make_node("Cast", [mapped], [equal.output[0]], to=TensorProto.BOOL, name=f"{equal.name}__mask_bool"),
-        ]
-        dropped.add(id(cast))
+        replacements[id(equal)] = _mask_test(equal, *compared)
+        dropped.update(id(cast) for cast in casts)
         fixed.append(equal.name or equal.output[0])
     if replacements:
-        still_read = {name for node in graph.node if id(node) not in replacements for name in node.input}
-        nodes = []
-        for node in graph.node:
-            if id(node) in dropped and node.output[0] in still_read:
-                nodes.append(node)
-            elif id(node) not in dropped:
-                nodes.extend(replacements.get(id(node), [node]))
-        del graph.node[:]
-        graph.node.extend(nodes)
+        _replace_nodes(graph, replacements, dropped)
         _drop_unread_initializers(model)
         _ensure_ml_opset(model)
     return fixed, unresolved
 
 
+def _replace_nodes(graph: onnx.GraphProto, replacements: dict[int, list[onnx.NodeProto]], dropped: set[int]) -> None:
+    """Put each replaced node's new nodes in its place; remove dropped nodes no other node still reads."""
+    kept = [node for node in graph.node if id(node) not in replacements and id(node) not in dropped]
+    still_read = {name for node in kept for name in node.input} | {o.name for o in graph.output}
+    nodes = []
+    for node in graph.node:
+        if id(node) not in dropped or node.output[0] in still_read:
+            nodes.extend(replacements.get(id(node), [node]))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def _drop_unread_initializers(model: onnx.ModelProto) -> None:
-    """Remove main-graph initializers no node (of any graph) reads any more (the integer the string was
-    compared with)."""
+    """Remove main-graph initializers no node (of any graph) reads any more (the integer or string the
+    tokens were compared with)."""
     graph = model.graph
     read = {name for _, g in iter_graphs(model) for node in g.node for name in node.input}
     read |= {o.name for o in graph.output}

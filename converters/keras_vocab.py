@@ -103,9 +103,21 @@ def lookup_vocabulary(lookup: Any, path: str) -> LookupVocab:
     if integer:
         meta["note"] = "IntegerLookup tokens are integers, stored as decimal strings"
     if num_oov > 1:
-        last = first_oov + num_oov - 1
-        meta["oov_hashing"] = f"Keras hashes OOV tokens into ids {first_oov}..{last}; oov_id is the first"
+        meta["oov_hashing"] = _oov_hashing(inner, integer, first_oov, num_oov)
     return LookupVocab(layer=path, vocabulary=vocab, metadata=meta)
+
+
+def _oov_hashing(lookup: Any, integer: bool, first: int, count: int) -> str:
+    """The note for ``num_oov_indices > 1``: how Keras picks the OOV id, and that the bridge does not."""
+    salted = getattr(lookup, "salt", None) is not None
+    if integer and getattr(lookup, "oov_method", "floormod") != "farmhash":
+        how = f"token % {count}"
+    else:
+        how = "SipHash64 with a salt" if salted else "FarmHash64 (tf.strings.to_hash_bucket_fast)"
+        how += " of the token" + (" as a decimal string" if integer else "") + f", modulo {count}"
+    return (f"Keras hashes OOV tokens into ids {first}..{first + count - 1} ({how}); the bridge does not reproduce "
+            "this: token lookups raise VocabularyError for unknown tokens (reserved names the ids oov, oov_1, ...; "
+            "oov_id is the first)")
 
 
 def _pipeline_metadata(layer: Any) -> dict[str, Any]:

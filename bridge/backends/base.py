@@ -207,7 +207,9 @@ class Lookup(ABC):
 
         An unknown token maps to the vocabulary's ``oov_id`` when it has one (Keras ``StringLookup``);
         otherwise the index policy decides: ``zero`` gives a zero vector, ``oov`` the OOV row, and
-        ``error``/``clip``/``wrap`` raise :class:`VocabularyError` naming the token.
+        ``error``/``clip``/``wrap`` raise :class:`VocabularyError` naming the token. A vocabulary with
+        several hashed OOV buckets (Keras ``num_oov_indices > 1``) raises for an unknown token: the
+        bridge does not reproduce Keras's hash (see :attr:`bridge.vocab.Vocabulary.oov_buckets`).
         """
         vocab = self.table.vocab
         if vocab is None:

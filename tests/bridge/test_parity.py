@@ -216,3 +216,16 @@ def test_report_truthiness_and_extend() -> None:
     report.extend([bad])
     assert not report and report.failures == [bad]
     assert bad.to_json()["max_abs_diff"] == "inf" and bad.to_json()["tolerance"] == [0.0, 0.0]
+
+
+def test_a_skipped_comparison_neither_passes_nor_fails_silently() -> None:
+    from bridge.parity import Comparison, ParityReport
+
+    ran = Comparison("t", "numpy", "numpy.take", True, 0.0, 0, 4, None, None, case="all_rows")
+    skipped = Comparison("(whole model)", "onnx-model", "keras", True, 0.0, 0, 0, None, (1e-5, 1e-5),
+                         case="skipped", detail="skipped: onnxruntime cannot load the model", skipped=True)
+    report = ParityReport([ran, skipped])
+    assert report and report.to_json()["skipped"] == 1 and report.to_json()["failed"] == 0
+    assert report.summary() == "parity: all 1 comparisons that ran passed (1 could not run: see 'skipped')"
+    assert "| skipped |" in report.to_markdown() and " skipped " in report.to_text()
+    assert ParityReport([ran]).summary() == "parity: all 1 comparisons passed"
