@@ -1,5 +1,11 @@
 """How a Keras 3 ``.keras`` file is laid out, as far as streaming its big tables needs to know.
 
+- Whether it is a valid archive at all (:func:`check_archive`, :func:`open_archive`,
+  :func:`read_config`): a file that is no zip, a damaged member (bad CRC-32, truncated), a
+  ``config.json`` that is not JSON or not a model's config, or a ``model.weights.h5`` h5py cannot
+  open raises :class:`~bridge.errors.ModelFormatError` naming the file and what is wrong. That is
+  bad input for the caller to report, never a reason to fall back; the streamed and the ordinary
+  load both check it, so they report a broken file the same way.
 - The archive: where a stored (uncompressed) zip entry's bytes start, and a read-only file object
   over them that h5py can open in place (:func:`data_offset`, :class:`OffsetFile`).
 - The weights: ``model.weights.h5`` holds ``layers/<auto-name>/vars/<i>`` per layer, the layer's
@@ -12,8 +18,10 @@
 
 from __future__ import annotations
 
+import json
 import struct
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,18 +29,97 @@ from typing import Any
 
 import numpy as np
 
-_FLOATS = ("float16", "float32", "float64")
+from bridge.errors import InputError, ModelFormatError
 
-__all__ = ["LayerEntry", "LayoutError", "NotAnArchive", "OffsetFile", "StreamedTable", "big_tables", "data_offset",
-           "entry_at", "layer_at", "match_layers"]
+_FLOATS = ("float16", "float32", "float64")
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.weights.h5"
+#: What reading a damaged zip member raises (a bad CRC-32, a truncated or corrupt deflate stream).
+ZIP_DAMAGE = (zipfile.BadZipFile, EOFError, zlib.error)
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ZIP_DAMAGE", "LayerEntry", "LayoutError", "OffsetFile", "StreamedTable",
+           "archive_error", "big_tables", "check_archive", "data_offset", "entry_at", "layer_at", "match_layers",
+           "open_archive", "read_config", "weights_error"]
 
 
 class LayoutError(Exception):
     """The ``.keras`` file's layout is not one the streamed loader understands (the caller falls back)."""
 
 
-class NotAnArchive(LayoutError):
-    """The file is no zip archive at all: a corrupt file, left to the ordinary loader to report."""
+# ----------------------------------------------------------------------------- is it a valid archive?
+
+
+def archive_error(path: Path, what: str) -> ModelFormatError:
+    """The error for a ``.keras`` file that is no valid Keras archive: the file, what is wrong, the fix."""
+    return ModelFormatError(f"could not load {str(path)!r}: not a valid .keras archive: {what}; re-save the model "
+                            "with model.save(...)")
+
+
+def weights_error(path: Path, exc: Exception) -> ModelFormatError:
+    """The error for a ``model.weights.h5`` that h5py cannot read (``exc``: h5py's OSError)."""
+    return archive_error(path, f"{WEIGHTS_FILE} is truncated or damaged (h5py: {_first_line(exc)})")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def open_archive(path: Path) -> zipfile.ZipFile:
+    """``path`` opened as a zip archive; a file that is none (empty, truncated, garbage) is a ModelFormatError."""
+    try:
+        return zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        empty = path.stat().st_size == 0
+        what = "the file is empty" if empty else "it is not a zip archive (truncated, or not a .keras file)"
+        raise archive_error(path, what) from exc
+    except OSError as exc:
+        raise InputError(f"cannot read model file {str(path)!r}: {exc.strerror or exc}") from exc
+
+
+def read_config(path: Path, zf: zipfile.ZipFile) -> dict[str, Any]:
+    """``config.json`` of the archive ``zf`` (of ``path``), checked to be a model's config (has a class_name)."""
+    try:
+        raw = zf.read(CONFIG_FILE)
+    except KeyError as exc:
+        raise archive_error(path, f"it holds no {CONFIG_FILE}") from exc
+    except ZIP_DAMAGE as exc:
+        raise archive_error(path, f"{CONFIG_FILE} is damaged ({exc})") from exc
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise archive_error(path, f"{CONFIG_FILE} is not valid JSON (line {exc.lineno}, column {exc.colno})") from exc
+    except ValueError as exc:  # UnicodeDecodeError: not UTF-8/16/32 text
+        raise archive_error(path, f"{CONFIG_FILE} is not text ({exc})") from exc
+    if not isinstance(config, dict) or not isinstance(config.get("class_name"), str):
+        kind = "an object without a class_name" if isinstance(config, dict) else f"a JSON {type(config).__name__}"
+        raise archive_error(path, f"{CONFIG_FILE} is not a Keras model config ({kind})")
+    return config
+
+
+def check_archive(path: Path) -> dict[str, Any]:
+    """``path``'s config, after checking the archive, its config and (stored in place) its weights' HDF5 header.
+
+    Cheap: reads ``config.json`` and the start of ``model.weights.h5``, never the weights. A
+    deflated weights entry is not checked here (that would mean decompressing it).
+    """
+    with open_archive(path) as zf:
+        config = read_config(path, zf)
+        info = zf.getinfo(WEIGHTS_FILE) if WEIGHTS_FILE in zf.namelist() else None
+    if info is not None and info.compress_type == zipfile.ZIP_STORED:
+        import h5py
+
+        weights = OffsetFile(path, data_offset(path, info), info.file_size)
+        try:
+            h5py.File(weights, "r").close()
+        except OSError as exc:
+            raise weights_error(path, exc) from exc
+        finally:
+            weights.close()
+    return config
+
+
+# ----------------------------------------------------------------------------- where things are
 
 
 @dataclass
@@ -84,7 +171,7 @@ def data_offset(path: Path, info: zipfile.ZipInfo) -> int:
         fh.seek(info.header_offset)
         head = fh.read(30)
     if head[:4] != b"PK\x03\x04":
-        raise LayoutError("bad local zip header")
+        raise archive_error(path, f"the local zip header of {info.filename} is damaged")
     name_len, extra_len = struct.unpack("<HH", head[26:30])
     return info.header_offset + 30 + name_len + extra_len
 
@@ -122,7 +209,7 @@ class OffsetFile:
 
 def _children(entry: dict[str, Any]) -> list[dict[str, Any]] | None:
     layers = entry.get("config", {}).get("layers") if isinstance(entry.get("config"), dict) else None
-    return layers if isinstance(layers, list) else None
+    return layers if isinstance(layers, list) and all(isinstance(c, dict) for c in layers) else None
 
 
 def match_layers(entry: dict[str, Any], h5: Any, cpath: tuple[int, ...], lpath: str,

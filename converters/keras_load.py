@@ -6,12 +6,19 @@ then refuses to deserialize Python code (a ``Lambda`` layer). A SavedModel holds
 graphs, not Python code; Keras 3 cannot load it as a Model, so its serving signature is
 wrapped in a :class:`keras.layers.TFSMLayer` and its tables are mapped to the variables the
 signature reads.
+
+A damaged file is bad input (:class:`~bridge.errors.ModelFormatError`, one line naming the file and
+what is wrong): a ``.keras`` file is checked before Keras opens it
+(:func:`converters.keras_layout.check_archive`, the check the streamed path makes too; Keras itself
+calls a truncated archive "File not found"), and what Keras or h5py still raise about a damaged
+archive or legacy ``.h5`` file is worded by :func:`load_error`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import zipfile
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -20,6 +27,7 @@ from typing import Any
 from bridge.errors import InputError, ModelFormatError, UnsupportedError
 from bridge.npyio import file_sha256
 from converters.keras_env import captured_logs, import_keras
+from converters.keras_layout import archive_error, check_archive, weights_error
 from converters.keras_signature import DICT, InputSpec, Signature
 
 SUPPORTED_INPUTS = (
@@ -100,6 +108,8 @@ def load_path(path: Path, *, safe_mode: bool = True) -> LoadedModel:
 
 
 def _load_keras_file(path: Path, safe_mode: bool) -> Any:
+    if path.suffix.lower() == ".keras":
+        check_archive(path)
     _, keras = import_keras()
     try:
         with captured_logs():
@@ -112,8 +122,10 @@ def _load_keras_file(path: Path, safe_mode: bool) -> Any:
 
 
 def load_error(path: Path, exc: Exception) -> Exception:
-    """The library error for a Keras load failure: unsafe code, unknown custom classes, or anything else."""
+    """The library error for a Keras load failure: unsafe code, unknown custom classes, a damaged file, or else."""
     text = str(exc)
+    if isinstance(exc, zipfile.BadZipFile) or (isinstance(exc, OSError) and exc.errno is None):
+        return _damaged_file_error(path, exc)  # zipfile or h5py (no errno: not the OS) on a damaged file
     if "safe_mode" in text:
         return InputError(
             f"{str(path)!r} contains arbitrary code (a Lambda layer or other Python function) that Keras "
@@ -127,6 +139,15 @@ def load_error(path: Path, exc: Exception) -> Exception:
             f"its custom classes (registered with keras.saving.register_keras_serializable) before converting.{legacy}"
         )
     return ModelFormatError(f"Keras could not load {str(path)!r}: {type(exc).__name__}: {_first_line(text)}")
+
+
+def _damaged_file_error(path: Path, exc: Exception) -> ModelFormatError:
+    """A ``.keras`` archive or legacy ``.h5`` file that zipfile or h5py cannot read."""
+    if path.suffix.lower() == ".keras":
+        zipped = isinstance(exc, zipfile.BadZipFile)
+        return archive_error(path, f"it is damaged ({_first_line(str(exc))})") if zipped else weights_error(path, exc)
+    what = "the file is empty" if path.is_file() and path.stat().st_size == 0 else _first_line(str(exc))
+    return ModelFormatError(f"could not load {str(path)!r}: not a valid HDF5 model file: {what}; re-save the model")
 
 
 def _first_line(text: str) -> str:

@@ -20,18 +20,23 @@ this module instead:
 4. :meth:`StreamedKeras.full_model` rebuilds the real model for parity checks *after* the store
    is written, filling big tables in row chunks from h5py (another read path than the store's).
 
+A file that is no valid ``.keras`` archive (not a zip, a damaged member, ``config.json`` not a
+model's config, ``model.weights.h5`` truncated) raises :class:`~bridge.errors.ModelFormatError`
+(:mod:`converters.keras_layout` words it as the ordinary load does); only a valid file whose layout
+is not understood falls back.
+
 Legacy ``.h5`` files and SavedModels keep the ordinary load (their layout differs).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import mmap
 import shutil
 import tempfile
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,27 +47,33 @@ from bridge.errors import ModelFormatError
 from bridge.render import human_bytes
 from converters.keras_env import captured_logs, import_keras
 from converters.keras_layout import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ZIP_DAMAGE,
     LayerEntry,
     LayoutError,
-    NotAnArchive,
     OffsetFile,
     StreamedTable,
+    archive_error,
     big_tables,
     data_offset,
     entry_at,
     layer_at,
     match_layers,
+    open_archive,
+    read_config,
+    weights_error,
 )
 from converters.keras_load import load_error
 from converters.keras_skeleton import LARGE_THRESHOLD, TF2ONNX_LIMIT, ShrunkTable, skeleton_pattern
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.weights.h5"
 #: Rows filled per chunk when the full model's big tables are filled from h5.
 FILL_ROWS = 16_384
+#: Bytes read per step when checking the CRC-32 of a stored ``model.weights.h5``.
+CRC_CHUNK = 16 * 2**20
 
-__all__ = ["LayoutError", "StreamedKeras", "StreamedTable", "build_streamed_skeleton", "layer_at", "open_streamed",
-           "stream_large"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "LayoutError", "StreamedKeras", "StreamedTable", "build_streamed_skeleton",
+           "layer_at", "open_streamed", "stream_large"]
 
 
 @dataclass
@@ -76,6 +87,7 @@ class StreamedKeras:
     weight_bytes: int
     safe_mode: bool
     h5_span: tuple[int, int] | None = None
+    h5_crc: int | None = None
     _tmp: Any = field(default=None, repr=False)
     _maps: list[mmap.mmap] = field(default_factory=list, repr=False)
 
@@ -88,13 +100,34 @@ class StreamedKeras:
     def weights_file(self) -> Path:
         return Path(self._tmp.name) / WEIGHTS_FILE if self._tmp is not None else self.path
 
+    def verify_crc(self) -> None:
+        """Check a stored ``model.weights.h5`` against its zip CRC-32; a damaged one is a ModelFormatError.
+
+        h5py reads it in place, so zipfile never checks it (an extracted copy was checked while
+        extracting). One sequential read of the weights, about a third of what their sha256 costs.
+        """
+        if self.h5_span is None or self.h5_crc is None:
+            return
+        crc, (base, size) = 0, self.h5_span
+        with open(self.path, "rb") as fh:
+            fh.seek(base)
+            while size > 0 and (chunk := fh.read(min(CRC_CHUNK, size))):
+                crc, size = zlib.crc32(chunk, crc), size - len(chunk)
+        if size or crc != self.h5_crc:
+            raise archive_error(self.path, f"{WEIGHTS_FILE} is damaged (Bad CRC-32 for file {WEIGHTS_FILE!r})")
+
     def open_h5(self) -> Any:
         """``model.weights.h5`` opened read-only with h5py (in place inside the zip when stored)."""
         import h5py
 
-        if self.h5_span is not None:
-            return h5py.File(OffsetFile(self.path, *self.h5_span), "r")
-        return h5py.File(self.weights_file, "r")
+        if self.h5_span is None:
+            return h5py.File(self.weights_file, "r")
+        fileobj = OffsetFile(self.path, *self.h5_span)
+        try:
+            return h5py.File(fileobj, "r")
+        except BaseException:
+            fileobj.close()
+            raise
 
     def build(self, rows: dict[str, int] | None = None) -> Any:
         """A keras.Model from the config; Embedding tables in ``rows`` (h5 path -> rows) get that ``input_dim``."""
@@ -192,40 +225,56 @@ def _fill(variable: Any, dataset: Any) -> None:
 
 
 def open_streamed(path: Path, *, safe_mode: bool = True, min_rows: int = 17) -> StreamedKeras:
-    """Read ``path``'s config and weights layout; raise :class:`LayoutError` when it is not understood.
+    """Read ``path``'s config and weights layout.
 
-    Big tables are the built-in float ``Embedding`` layers (not quantized, no LoRA) with more than
-    ``min_rows`` rows. Layers sharing one table (a layer used twice) are one entry.
+    Raises :class:`~bridge.errors.ModelFormatError` when ``path`` is no valid ``.keras`` archive
+    (see :func:`converters.keras_layout.check_archive`) and :class:`LayoutError` when its layout is
+    not understood. Big tables are the built-in float ``Embedding`` layers (not quantized, no LoRA)
+    with more than ``min_rows`` rows. Layers sharing one table (a layer used twice) are one entry.
     """
+    with open_archive(path) as zf:
+        config = read_config(path, zf)
+        if WEIGHTS_FILE not in zf.namelist():
+            raise LayoutError(f"no {WEIGHTS_FILE} in the archive")
+        span, tmp = _weights_location(path, zf)
+        crc = zf.getinfo(WEIGHTS_FILE).CRC
+    streamed = StreamedKeras(path, config, [], [], 0, safe_mode, h5_span=span, h5_crc=crc, _tmp=tmp)
     try:
-        zf = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as exc:  # the ordinary loader reports a corrupt file in its words
-        raise NotAnArchive(f"{str(path)!r} is not a zip archive: {exc}") from exc
-    with zf:
-        names = set(zf.namelist())
-        if CONFIG_FILE not in names or WEIGHTS_FILE not in names:
-            raise LayoutError(f"no {CONFIG_FILE} / {WEIGHTS_FILE} in the archive")
-        config = json.loads(zf.read(CONFIG_FILE))
-        info = zf.getinfo(WEIGHTS_FILE)
-        tmp, base = None, None
-        if info.compress_type == zipfile.ZIP_STORED:
-            base = data_offset(path, info)
-        else:
-            tmp = tempfile.TemporaryDirectory(prefix="embridge-keras-")
-            with zf.open(info) as src, open(Path(tmp.name) / WEIGHTS_FILE, "wb") as dst:
-                shutil.copyfileobj(src, dst, 16 * 2**20)
-    span = (base, info.file_size) if base is not None else None
-    streamed = StreamedKeras(path, config, [], [], 0, safe_mode, span, tmp)
-    try:
-        with streamed.open_h5() as h5:  # in place inside the zip (span), else the extracted copy (tmp)
-            streamed.layers = list(match_layers(config, h5, (), "", "")) if "layers" in h5 else []
-            streamed.tables = big_tables(streamed.layers, h5, base or 0, min_rows)
-            streamed.weight_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for layer in streamed.layers
-                                        for s, d in zip(layer.var_shapes, layer.var_dtypes, strict=True))
+        _read_layout(streamed, min_rows)
     except Exception:
         streamed.close()  # removes the extracted copy, if one was made
         raise
     return streamed
+
+
+def _weights_location(path: Path, zf: zipfile.ZipFile) -> tuple[tuple[int, int] | None, Any]:
+    """``(span, None)`` for a stored ``model.weights.h5`` (read in place), else ``(None, tmp)``: an extracted copy."""
+    info = zf.getinfo(WEIGHTS_FILE)
+    if info.compress_type == zipfile.ZIP_STORED:
+        return (data_offset(path, info), info.file_size), None
+    tmp = tempfile.TemporaryDirectory(prefix="embridge-keras-")
+    try:
+        with zf.open(info) as src, open(Path(tmp.name) / WEIGHTS_FILE, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 * 2**20)
+    except BaseException as exc:
+        tmp.cleanup()
+        if isinstance(exc, ZIP_DAMAGE):
+            raise archive_error(path, f"{WEIGHTS_FILE} is damaged ({exc})") from exc
+        raise
+    return None, tmp
+
+
+def _read_layout(streamed: StreamedKeras, min_rows: int) -> None:
+    """Fill ``streamed``'s layer map, big tables and weight bytes from its ``model.weights.h5``."""
+    base = streamed.h5_span[0] if streamed.h5_span is not None else 0
+    try:
+        with streamed.open_h5() as h5:  # in place inside the zip (span), else the extracted copy (tmp)
+            streamed.layers = list(match_layers(streamed.config, h5, (), "", "")) if "layers" in h5 else []
+            streamed.tables = big_tables(streamed.layers, h5, base, min_rows)
+    except OSError as exc:  # h5py: a truncated or damaged HDF5 file
+        raise weights_error(streamed.path, exc) from exc
+    streamed.weight_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for layer in streamed.layers
+                                for s, d in zip(layer.var_shapes, layer.var_dtypes, strict=True))
 
 
 def fallback_warning(path: Path, reason: str) -> None:
@@ -243,7 +292,8 @@ def stream_large(source: Any, *, safe_mode: bool, large: bool | None, threshold:
 
     Mirrors :func:`converters.keras_large.large_path_reason` from the file's layout alone. None
     (the ordinary load) for other inputs, ``large=False``, a model without a big table, or a
-    layout this module does not understand (with a warning).
+    layout this module does not understand (with a warning). A damaged ``.keras`` file raises
+    :class:`~bridge.errors.ModelFormatError` here, before any output is written.
     """
     if large is False or not isinstance(source, (str, Path)) or Path(source).suffix.lower() != ".keras":
         return None
@@ -252,8 +302,6 @@ def stream_large(source: Any, *, safe_mode: bool, large: bool | None, threshold:
         return None
     try:
         streamed = open_streamed(path, safe_mode=safe_mode, min_rows=skeleton_rows)
-    except NotAnArchive:
-        return None
     except LayoutError as exc:
         fallback_warning(path, str(exc))
         return None
@@ -270,6 +318,11 @@ def stream_large(source: Any, *, safe_mode: bool, large: bool | None, threshold:
     if reason is None:
         streamed.close()
         return None
+    try:
+        streamed.verify_crc()  # the ordinary load's zipfile checks it; reading in place does not
+    except BaseException:
+        streamed.close()
+        raise
     return streamed, reason
 
 
