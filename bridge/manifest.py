@@ -47,7 +47,7 @@ from typing import Any, NoReturn
 import numpy as np
 
 from bridge import dtypes
-from bridge.errors import BridgeError, StoreError
+from bridge.errors import BridgeError, InputError, StoreError
 from bridge.quantization import OUT_DTYPES, SCHEMES
 
 FORMAT = "embedding-bridge/1"
@@ -81,7 +81,8 @@ def generator_info() -> dict[str, str]:
 def read_manifest(store_dir: Path) -> dict[str, Any]:
     """Load and validate manifest.json of a store directory."""
     if not store_dir.exists():
-        raise StoreError(f"store {str(store_dir)!r} does not exist; create one with `embridge extract` or `convert`")
+        raise InputError(f"store {str(store_dir)!r} does not exist; check the path, or create one with "
+                         "`embridge extract` or `convert`")
     path = store_dir / MANIFEST
     if not path.is_file():
         raise StoreError(f"{str(store_dir)!r} is not an embedding store: it has no {MANIFEST}")

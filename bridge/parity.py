@@ -23,7 +23,7 @@ import numpy as np
 
 from bridge.errors import BridgeError, IdError, InputError, ParityError
 from bridge.policy import POLICIES
-from bridge.render import format_table, markdown_table
+from bridge.render import format_table, json_safe, markdown_table
 from bridge.table import EmbeddingTable
 
 LookupFn = Callable[[np.ndarray], Any]
@@ -58,7 +58,7 @@ class Comparison:
         return "skipped" if self.skipped else "pass" if self.passed else "FAIL"
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-safe dict (an infinite ``max_abs_diff`` is written as the string ``"inf"``)."""
+        """A JSON-safe dict (an infinite ``max_abs_diff`` is the string ``"Infinity"``, as in all ``--json`` output)."""
         obj = asdict(self)
         obj["max_abs_diff"] = _json_float(self.max_abs_diff)
         obj["tolerance"] = None if self.tolerance is None else list(self.tolerance)
@@ -66,7 +66,7 @@ class Comparison:
 
 
 def _json_float(value: float) -> float | str:
-    return value if math.isfinite(value) else str(value)
+    return value if math.isfinite(value) else json_safe(value)  # type: ignore[no-any-return]
 
 
 def compare(

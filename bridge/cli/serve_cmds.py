@@ -25,8 +25,9 @@ def register(sub: Any) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--ids", help="comma-separated integer ids, e.g. 1,2,-1")
     what.add_argument("--tokens", help="comma-separated tokens, mapped through the table's vocabulary")
-    p.add_argument("--backend", default="numpy", choices=BACKENDS)
-    p.add_argument("--policy", default="error", choices=POLICIES, help="what to do with ids outside [0, rows)")
+    p.add_argument("--backend", default="numpy", choices=BACKENDS, help="serving backend (default: numpy)")
+    p.add_argument("--policy", default="error", choices=POLICIES,
+                   help="what to do with ids outside [0, rows) (default: error)")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the store")
     add_json(p)
     p.set_defaults(func=run_lookup)
@@ -36,7 +37,8 @@ def register(sub: Any) -> None:
     p.add_argument("--keras", metavar="MODEL", help="also compare with this Keras model's own Embedding layers")
     p.add_argument("--onnx", metavar="MODEL", help="the converted ONNX model (default: the store's model.onnx)")
     p.add_argument("--backends", default=",".join(BACKENDS), help="comma-separated backends (default: all)")
-    p.add_argument("--policy", default="error", choices=POLICIES)
+    p.add_argument("--policy", default="error", choices=POLICIES,
+                   help="index policy for the bad ids parity also tries (default: error)")
     p.add_argument("--tables", help="comma-separated table names (default: all)")
     p.add_argument("--report", metavar="FILE.md", help="also write the report as Markdown")
     p.add_argument("--unsafe", action="store_true", help="load the Keras model with safe_mode=False")
@@ -81,9 +83,9 @@ def run_parity(args: argparse.Namespace) -> int:
     from bridge.store_parity import store_parity
 
     extra = None
-    if args.keras and args.policy not in ("error", "wrap"):
-        note(f"note: Keras has no '{args.policy}' policy; the Keras model is compared under 'error' only")
-    if args.keras and args.policy in ("error", "wrap"):
+    if args.policy not in ("error", "wrap"):
+        note(f"note: Keras and ONNX have no '{args.policy}' policy: they are given the ids the policy maps to")
+    if args.keras:
         from converters.keras_parity import keras_layer_references
 
         note(f"loading {args.keras} ...")

@@ -215,7 +215,7 @@ def test_report_truthiness_and_extend() -> None:
     assert report and report.passed
     report.extend([bad])
     assert not report and report.failures == [bad]
-    assert bad.to_json()["max_abs_diff"] == "inf" and bad.to_json()["tolerance"] == [0.0, 0.0]
+    assert bad.to_json()["max_abs_diff"] == "Infinity" and bad.to_json()["tolerance"] == [0.0, 0.0]
 
 
 def test_a_skipped_comparison_neither_passes_nor_fails_silently() -> None:

@@ -166,7 +166,7 @@ def test_symlink_out_of_store_refused(tmp_path: Path) -> None:
 
 
 def test_errors_name_the_problem(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist; check the path"):  # a wrong path: bad input, exit 2
         open_store(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(StoreError, match="no manifest.json"):

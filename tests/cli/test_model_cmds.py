@@ -241,3 +241,35 @@ def test_inspect_text_sizes_strings_and_packed_ints(tmp_path: Path, capsys: pyte
     assert code == 0, err
     rows = {line.split()[0]: line.split() for line in out.splitlines()[2:]}
     assert rows["words"][4] == "?" and rows["nibbles"][4:6] == ["20", "B"]
+
+
+def test_parity_refuses_unknown_backends_and_a_missing_onnx_model(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    _model(tmp_path / "m.onnx")
+    assert _run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s")], capsys)[0] == 0
+    line = _one_error_line(*_run(["parity", str(tmp_path / "s"), "--backends", "numpy,foo"], capsys))
+    assert "unknown backend(s) 'foo'; choose from numpy, onnxruntime, torch" in line
+    line = _one_error_line(*_run(["parity", str(tmp_path / "s"), "--onnx", str(tmp_path / "nope.onnx")], capsys))
+    assert "nope.onnx' does not exist" in line
+    line = _one_error_line(*_run(["lookup", str(tmp_path / "missing"), "--table", "t", "--ids", "1"], capsys))
+    assert "does not exist; check the path" in line
+
+
+@pytest.mark.parametrize("policy", ["clip", "zero", "oov", "wrap"])
+def test_parity_under_a_policy_gives_the_onnx_model_the_ids_it_maps_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], policy: str
+) -> None:
+    """The ONNX model has no clip/zero/oov policy: it is given the policy's ids (it failed every bad-id set)."""
+    table = _model(tmp_path / "m.onnx")
+    assert _run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s")], capsys)[0] == 0
+    if policy == "oov":  # the oov policy needs an OOV row: give the table one
+        manifest = json.loads((tmp_path / "s" / "manifest.json").read_text())
+        manifest["tables"][0]["oov_id"] = 3
+        (tmp_path / "s" / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = _run(["parity", str(tmp_path / "s"), "--onnx", str(tmp_path / "m.onnx"), "--policy", policy,
+                           "--json"], capsys)
+    doc = json.loads(out)
+    assert code == 0, [c for c in doc["comparisons"] if not c["passed"]]
+    onnx_rows = [c for c in doc["comparisons"] if c["backend"] == "onnx-model"]
+    assert onnx_rows and {c["case"] for c in onnx_rows} >= {"edges", "random_7"}
+    assert table.shape == (50, 8)
