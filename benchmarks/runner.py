@@ -27,7 +27,7 @@ JSON_NAME, MARKDOWN_NAME = "results.json", "results.md"
 
 def run_benchmark(cfg: BenchConfig, *, command: str | None = None, progress: bool = True,
                   tmp_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Run ``cfg`` and return the JSON document (schema ``embridge-bench/1``, see the README).
+    """Run ``cfg`` and return the JSON document (schema :data:`benchmarks.SCHEMA`, see the README).
 
     Tables are written as stores in a temporary directory (under ``tmp_dir`` if given), memory-mapped,
     and removed at the end. Progress goes to stderr (tqdm) unless ``progress`` is false or
