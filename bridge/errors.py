@@ -51,6 +51,8 @@ class ChecksumError(StoreError):
 class TableNotFoundError(StoreError, KeyError):
     """A table or vocabulary name is not in the store; the message lists the valid names."""
 
+    exit_code = 2  # the name the user asked for is wrong: bad input
+
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
 

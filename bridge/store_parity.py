@@ -11,7 +11,7 @@ import numpy as np
 
 from bridge.backends import BACKENDS
 from bridge.errors import InputError, UnsupportedError
-from bridge.parity import DEFAULT_BACKENDS, LookupFn, ParityReport, table_parity
+from bridge.parity import DEFAULT_BACKENDS, Comparison, LookupFn, ParityReport, table_parity
 from bridge.policy import IndexPolicy, as_ids
 from bridge.store import Store, open_store
 from bridge.table import EmbeddingTable
@@ -22,35 +22,43 @@ ReferenceFactory = Callable[[Store], Mapping[str, Mapping[str, LookupFn]]]
 ONNX_REFERENCE = "onnx-model"
 
 
-def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, LookupFn]:
+def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, LookupFn | str]:
     """``{table: ids -> vectors}`` running each table's own Gather of the ONNX model in onnxruntime.
 
-    The model is ``model_path`` or the store's ``model.onnx``; tables are matched by
+    The model is ``model_path`` or the store's ``model.onnx`` (none: ``{}``); tables are matched by
     initializer name. A table the model only reads with ``Slice`` (a position table) is served by its own
-    Slice over all rows, indexed by the ids (:func:`bridge.onnx_reference.onnx_slice_reference`). Tables
-    whose Gather or Slice cannot be cut out (e.g. inside a Loop body) are skipped.
+    Slice over all rows, indexed by the ids (:func:`bridge.onnx_reference.onnx_slice_reference`). A table
+    the model does not hold, or whose Gather or Slice cannot be cut out (inside a Loop body), maps to the
+    reason, a string, instead of a callable.
     """
     from bridge.onnx_io import load_model
     from bridge.onnx_reference import onnx_gather_reference, onnx_slice_reference
     from bridge.scan import scan
 
     path = model_path or (store.path / "model.onnx")
+    if model_path is not None and not path.is_file():
+        what = "is a directory" if path.is_dir() else "does not exist"
+        raise InputError(f"ONNX model {str(model_path)!r} {what}; pass the .onnx file to --onnx")
     if not path.is_file():
-        if model_path is not None:
-            raise InputError(f"ONNX model {str(model_path)!r} does not exist; check the path given to --onnx")
         return {}
     model = load_model(path)
     refs = {ref.initializer: ref for ref in scan(model)}
-    out: dict[str, LookupFn] = {}
+    out: dict[str, LookupFn | str] = {}
+    absent = 0
     for name in store:
-        ref = refs.get(store.entry(name).get("initializer") or "")
+        initializer = store.entry(name).get("initializer") or ""
+        ref = refs.get(initializer)
         if ref is None:
+            out[name], absent = f"{path.name} has no table {initializer!r}", absent + 1
             continue
         build = onnx_gather_reference if ref.gathers or not ref.slices else onnx_slice_reference
         try:
             out[name] = build(model, ref, path.parent)
-        except UnsupportedError:
-            continue
+        except UnsupportedError as exc:
+            out[name] = f"the lookup in {path.name} cannot be run on its own: {exc}"
+    if model_path is not None and out and absent == len(out):
+        raise InputError(f"ONNX model {str(model_path)!r} holds none of the store's tables; pass the model the "
+                         "store was made from to --onnx")
     return out
 
 
@@ -69,29 +77,54 @@ def store_parity(
 
     ``extra_references`` maps a reference name (``"keras"``) to ``{table: ids -> vectors}``, or is
     a factory building that mapping from the opened store. All comparisons are bitwise: a lookup
-    is a copy.
+    is a copy. A reference that has nothing for a table (the ONNX model does not hold it, or its
+    lookup cannot be cut out) adds a ``skipped`` row saying why.
     """
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise InputError(f"unknown backend(s) {', '.join(map(repr, unknown))}; choose from {', '.join(BACKENDS)}")
+    _check_backends(backends)
     opened = store if isinstance(store, Store) else open_store(store, verify=verify)
-    names = list(tables) if tables else list(opened)
-    for name in names:
-        opened[name]  # noqa: B018 - raises TableNotFoundError listing the valid names
+    names = _table_names(opened, tables)
     onnx_refs = onnx_references(opened, onnx_model)
     extras = extra_references(opened) if callable(extra_references) else (extra_references or {})
     report = ParityReport()
     for name in names:
         per_table = {ref: fns[name] for ref, fns in extras.items() if name in fns}
-        if name in onnx_refs:
-            per_table[ONNX_REFERENCE] = onnx_refs[name]
+        onnx_ref = onnx_refs.get(name)
+        if isinstance(onnx_ref, str):
+            report.extend([skipped(name, ONNX_REFERENCE, onnx_ref)])
+        elif onnx_ref is not None:
+            per_table[ONNX_REFERENCE] = onnx_ref
+        report.extend(skipped(name, ref, "it has no layer this table came from") for ref in extras
+                      if name not in extras[ref])
         if policy != "error":  # the frameworks have no such policy: they get the ids it maps to
             per_table = {ref: under_policy(fn, opened[name], policy) for ref, fn in per_table.items()}
         report.extend(table_parity(opened[name], backends, policy, extra_references=per_table, seed=seed).comparisons)
     return report
 
 
-__all__ = ["ONNX_REFERENCE", "onnx_references", "store_parity"]
+def _check_backends(backends: Sequence[str]) -> None:
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise InputError(f"unknown backend(s) {', '.join(map(repr, unknown))}; choose from {', '.join(BACKENDS)}")
+    if not backends:
+        raise InputError(f"no backend given; choose from {', '.join(BACKENDS)}")
+
+
+def _table_names(store: Store, tables: Sequence[str] | None) -> list[str]:
+    """The tables to compare, each once, in order (all when ``tables`` is None or empty)."""
+    names = list(dict.fromkeys(tables)) if tables else list(store)
+    for name in names:
+        store.entry(name)  # raises TableNotFoundError listing the valid names
+    return names
+
+
+def skipped(table: str, reference: str, reason: str) -> Comparison:
+    """A ``skipped`` row: ``reference`` could not be compared on ``table``, and why."""
+    return Comparison(table=table, backend=reference, reference="numpy.take", passed=True, max_abs_diff=0.0,
+                      mismatches=0, total=0, first_mismatch_id=None, tolerance=None, case="skipped",
+                      detail=f"skipped: {reason}", skipped=True)
+
+
+__all__ = ["ONNX_REFERENCE", "onnx_references", "skipped", "store_parity", "under_policy"]
 
 
 def under_policy(fn: LookupFn, table: EmbeddingTable, policy: str) -> LookupFn:

@@ -90,8 +90,10 @@ def run_parity(args: argparse.Namespace) -> int:
 
         note(f"loading {args.keras} ...")
         extra = keras_layer_references(args.keras, safe_mode=not args.unsafe)
-    tables = [t for t in args.tables.split(",") if t] if args.tables else None
-    backends = [b for b in args.backends.split(",") if b]
+    tables = [t.strip() for t in args.tables.split(",") if t.strip()] if args.tables else None
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.report:
+        _refuse_report_in_store(Path(args.report), Path(args.store))
     report = store_parity(
         args.store, backends=backends, policy=args.policy,
         tables=tables, onnx_model=Path(args.onnx) if args.onnx else None,
@@ -99,6 +101,9 @@ def run_parity(args: argparse.Namespace) -> int:
     )
     if extra is not None:  # mixed precision: Keras serves cast(table[id]); compare through the same cast
         report.extend(extra.cast_comparisons(args.store, backends, args.policy))
+        if not any(c.backend == "keras" and not c.skipped for c in report.comparisons):
+            raise InputError(f"{args.keras!r} has no Embedding layer the compared tables came from; pass the Keras "
+                             "model the store was converted from to --keras")
     if args.report:
         from bridge.atomic import atomic_file
 
@@ -109,3 +114,9 @@ def run_parity(args: argparse.Namespace) -> int:
     else:
         say(report.to_text())
     return 0 if report else PARITY_FAILED_EXIT
+
+
+def _refuse_report_in_store(report: Path, store: Path) -> None:
+    """InputError for a ``--report`` path inside the store directory (it could replace the store's own files)."""
+    if report.resolve().is_relative_to(store.resolve()):
+        raise InputError(f"--report {str(report)!r} is inside the store {str(store)!r}; write the report elsewhere")

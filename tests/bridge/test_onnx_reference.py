@@ -148,3 +148,33 @@ def test_store_parity_compares_a_slice_only_table_with_the_model(tmp_path: Path)
     failed = [c for c in report.comparisons if not c.passed]
     assert failed and {(c.table, c.backend) for c in failed} == {("pos", ONNX_REFERENCE)}
     assert {c.first_mismatch_id for c in failed} == {5}
+
+
+def test_store_parity_reports_a_lookup_it_cannot_cut_out_as_skipped(tmp_path: Path) -> None:
+    """A Gather inside a Loop body cannot be run on its own: a skipped row says so, instead of no row at all."""
+    from bridge.extract import extract
+    from bridge.store_parity import ONNX_REFERENCE, store_parity
+
+    table = np.random.default_rng(5).standard_normal((20, 4)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["W", "ids"], ["rows"], name="body_gather"),
+         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="keep_going")], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond"], ["stacked"], name="loop", body=body)], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("stacked", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(table, "W"), numpy_helper.from_array(np.array(1, np.int64), "trips"),
+         numpy_helper.from_array(np.array(True), "cond")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+              tmp_path / "model.onnx")
+    extract(tmp_path / "model.onnx", tmp_path / "store")
+    report = store_parity(tmp_path / "store", onnx_model=tmp_path / "model.onnx")
+    (row,) = [c for c in report.comparisons if c.backend == ONNX_REFERENCE]
+    assert row.skipped and "cannot be run on its own" in row.detail
+    assert report and len(report.skipped) == 1 and "could not run" in report.summary()

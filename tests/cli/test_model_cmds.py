@@ -273,3 +273,37 @@ def test_parity_under_a_policy_gives_the_onnx_model_the_ids_it_maps_to(
     onnx_rows = [c for c in doc["comparisons"] if c["backend"] == "onnx-model"]
     assert onnx_rows and {c["case"] for c in onnx_rows} >= {"edges", "random_7"}
     assert table.shape == (50, 8)
+
+
+def test_parity_input_errors_are_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _model(tmp_path / "m.onnx")
+    assert _run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s")], capsys)[0] == 0
+    store = str(tmp_path / "s")
+    cases = {
+        ("--report", f"{store}/manifest.json"): "is inside the store",
+        ("--tables", "nope"): "no table 'nope'",
+        ("--backends", ","): "no backend given",
+        ("--onnx", str(tmp_path)): "is a directory",
+    }
+    for args, message in cases.items():
+        line = _one_error_line(*_run(["parity", store, *args], capsys))
+        assert message in line, (args, line)
+    assert json.loads((tmp_path / "s" / "manifest.json").read_text())["format"] == "embedding-bridge/1"
+    line = _one_error_line(*_run(["lookup", store, "--table", "nope", "--ids", "1"], capsys))
+    assert "no table 'nope'" in line
+    _model_with(tmp_path / "other.onnx", np.zeros((50, 8), np.float32))
+    other = onnx.load(tmp_path / "other.onnx")
+    other.graph.initializer[0].name = "renamed"
+    other.graph.node[0].input[0] = "renamed"
+    onnx.save(other, tmp_path / "other.onnx")
+    line = _one_error_line(*_run(["parity", store, "--onnx", str(tmp_path / "other.onnx")], capsys))
+    assert "holds none of the store's tables" in line
+
+
+def test_parity_tables_are_stripped_and_counted_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _model(tmp_path / "m.onnx")
+    assert _run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s")], capsys)[0] == 0
+    code, out, _ = _run(["parity", str(tmp_path / "s"), "--json"], capsys)
+    once = json.loads(out)["total"]
+    code, out, _ = _run(["parity", str(tmp_path / "s"), "--tables", " emb.weight, emb.weight", "--json"], capsys)
+    assert code == 0 and json.loads(out)["total"] == once
