@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from bridge.errors import IdError, ParityError, UnsupportedError
+from bridge.errors import BridgeError, IdError, ParityError, UnsupportedError
 from bridge.onnx_io import initializer_array, iter_graphs, node_label
 from bridge.scan import TableRef, Use
 
@@ -258,10 +258,11 @@ def onnx_gather_reference(
     """A callable ``ids -> vectors`` running :func:`gather_submodel` in onnxruntime (CPU).
 
     Initializers stored as external data are memory-mapped and handed to onnxruntime with
-    ``SessionOptions.add_initializer`` (no copy); the OrtValues live as long as the callable.
+    ``SessionOptions.add_initializer`` (no copy; bfloat16 and float8 over their bits with the ONNX type);
+    the OrtValues live as long as the callable. Building fails with :class:`ParityError` (or
+    :class:`UnsupportedError` where no Gather can be cut out), never a raw onnx/onnxruntime exception.
     """
-    sub = gather_submodel(model, ref)
-    session, keep_alive = _session(sub, ref, base_dir, "Gather")
+    sub, session, keep_alive = _reference(gather_submodel, model, ref, base_dir, "Gather")
     ids_type = sub.graph.input[0].type.tensor_type
     rank = len(ids_type.shape.dim) if ids_type.HasField("shape") else None
     narrow = sub.doc_string == BF16_WIDENED
@@ -289,8 +290,7 @@ def onnx_slice_reference(
     onnxruntime runs once, on the first call; ids outside ``[0, rows)`` raise :class:`IdError` (the model
     itself can only read its first rows).
     """
-    sub = slice_submodel(model, ref)
-    session, keep_alive = _session(sub, ref, base_dir, "Slice")
+    sub, session, keep_alive = _reference(slice_submodel, model, ref, base_dir, "Slice")
     narrow = sub.doc_string == BF16_WIDENED
     rows: list[np.ndarray] = []
 
@@ -305,6 +305,24 @@ def onnx_slice_reference(
         return np.take(rows[0], ids, axis=0)
 
     return run
+
+
+def _reference(make: Callable[[onnx.ModelProto, TableRef], onnx.ModelProto], model: onnx.ModelProto,
+               ref: TableRef, base_dir: Path | None, op_type: str) -> tuple[onnx.ModelProto, Any, list[Any]]:
+    """The sub-model ``make`` cuts out, its session and the OrtValues the session reads.
+
+    A failure that is not already a :class:`BridgeError` (onnx shape inference, onnxruntime refusing
+    a value) becomes :class:`ParityError` naming the table: never a raw exception.
+    """
+    try:
+        sub = make(model, ref)
+        session, keep_alive = _session(sub, ref, base_dir, op_type)
+    except BridgeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnx and onnxruntime raise many unrelated exception types
+        raise ParityError(f"cannot build the onnxruntime reference for the {op_type} of table "
+                          f"{ref.initializer!r}: {type(exc).__name__}: {exc}") from exc
+    return sub, session, keep_alive
 
 
 def _session(sub: onnx.ModelProto, ref: TableRef, base_dir: Path | None, op_type: str) -> tuple[Any, list[Any]]:
@@ -322,7 +340,7 @@ def _session(sub: onnx.ModelProto, ref: TableRef, base_dir: Path | None, op_type
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             array = initializer_array(tensor, base_dir)
             sub.graph.initializer[i].CopyFrom(_placeholder(tensor, array))
-            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            value = _ort_value(ort, array, tensor)
             keep_alive.append(value)
             opts.add_initializer(tensor.name, value)
     try:
@@ -330,3 +348,13 @@ def _session(sub: onnx.ModelProto, ref: TableRef, base_dir: Path | None, op_type
     except Exception as exc:  # onnxruntime raises its own exception types
         raise ParityError(f"onnxruntime cannot run the {op_type} of table {ref.initializer!r}: {exc}") from exc
     return session, keep_alive
+
+
+def _ort_value(ort: Any, array: np.ndarray, tensor: onnx.TensorProto) -> Any:
+    """An OrtValue over ``array`` (no copy) typed as ``tensor``: dtypes NumPy itself lacks (bfloat16, float8,
+    from ml_dtypes) go over their unsigned-integer bits with the ONNX element type, as onnxruntime wants."""
+    data = np.ascontiguousarray(array)
+    if data.dtype.kind == "V":  # ml_dtypes: ortvalue_from_numpy refuses them
+        bits = data.view(np.dtype(f"uint{8 * data.dtype.itemsize}"))
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, int(tensor.data_type))
+    return ort.OrtValue.ortvalue_from_numpy(data)

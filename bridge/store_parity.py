@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from bridge.backends import BACKENDS
-from bridge.errors import InputError, UnsupportedError
+from bridge.errors import InputError, ParityError, UnsupportedError
 from bridge.parity import DEFAULT_BACKENDS, Comparison, LookupFn, ParityReport, table_parity
 from bridge.policy import IndexPolicy, as_ids
 from bridge.store import Store, open_store
@@ -56,6 +56,8 @@ def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, L
             out[name] = build(model, ref, path.parent)
         except UnsupportedError as exc:
             out[name] = f"the lookup in {path.name} cannot be run on its own: {exc}"
+        except ParityError as exc:  # onnxruntime cannot run it (e.g. a float8 Gather on the CPU provider)
+            out[name] = str(exc)
     if model_path is not None and out and absent == len(out):
         raise InputError(f"ONNX model {str(model_path)!r} holds none of the store's tables; pass the model the "
                          "store was made from to --onnx")

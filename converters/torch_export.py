@@ -10,6 +10,14 @@ initializer (``onnx::MatMul_N`` legacy, ``val_N`` dynamo) or, on 2-D activations
 on the table itself; the dynamo exporter names a tied table after the head. Tables are therefore
 mapped to ``state_dict`` keys by value (:mod:`converters.torch_map`) and ties found by value
 (:mod:`bridge.ties`).
+
+Both exporters name the graph inputs after ``forward``'s parameters (the legacy exporter's own
+``input.1`` is replaced), so ``dynamic_axes={"ids": {0: "batch"}}`` means the same on both. The legacy
+exporter runs ``forward`` and exports the weights as they are afterwards: an ``nn.Embedding(max_norm=...)``
+would renormalize the looked-up rows of the user's weight in place and export those; it runs with
+``max_norm`` off instead (its graph is a plain Gather either way), so the module is left untouched and
+both exporters store the same table. Before exporting, ``forward`` runs once with a check on the ids
+each embedding gets, so bad example ids are reported as such rather than as an exporter failure.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import re
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +46,22 @@ from bridge.table import EmbeddingTable, SourceRef
 from bridge.ties import Tie, find_ties, ties_json
 from converters.keras_map import Candidate
 from converters.torch_embedding import import_torch
-from converters.torch_map import embedding_keys, map_tables, module_metadata
+from converters.torch_inputs import (
+    as_args,
+    check_ids,
+    check_types,
+    dynamic_axes_for,
+    eval_mode,
+    graph_input_names,
+    max_norm_off,
+)
+from converters.torch_map import (
+    conflicts,
+    embedding_keys,
+    embedding_settings,
+    map_tables,
+    module_metadata,
+)
 
 ONNX_FILE = "model.onnx"
 _QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "onnxscript", "onnx_ir")
@@ -59,37 +83,52 @@ def export_onnx(
     """Export ``module`` called on ``example_inputs`` (a tensor or a tuple of tensors) to ONNX at ``path``.
 
     ``dynamo=False`` uses the TorchScript-based (legacy) exporter, ``dynamo=True`` the
-    ``torch.export``-based one (needs onnxscript). ``dynamic_axes`` (``{input name: {axis: name}}``)
-    marks dimensions as dynamic; without it shapes are those of the example inputs. The module is
-    exported in eval mode and its training flag restored. Exporter messages are silenced; a failure
-    raises :class:`ConversionError` with the exporter's message.
+    ``torch.export``-based one (needs onnxscript). Graph inputs are named ``input_names``, by default
+    after ``forward``'s parameters, on both exporters. ``dynamic_axes`` (``{input or output name: {axis:
+    name}}``) marks dimensions as dynamic; a key naming no input or output is an :class:`InputError`;
+    without it shapes are those of the example inputs.
+
+    The example inputs are checked first: each must be a tensor, and ``forward`` runs once on them (no
+    grad) with a check before every embedding (integer ids, in range); bad inputs are an
+    :class:`InputError` saying what is wrong, not an exporter failure. The module is exported in eval
+    mode and left as it was: its training flag is restored, and the legacy exporter, which would
+    renormalize the looked-up rows of an ``nn.Embedding(max_norm=...)`` weight in place (and export
+    that), runs with ``max_norm`` switched off (its graph never renormalizes anyway). Exporter messages
+    are silenced; a failure raises :class:`ConversionError` with the exporter's message.
     """
     torch = import_torch()
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"export_onnx takes a torch.nn.Module, not {type(module).__name__}")
-    args = _as_args(example_inputs, torch)
+    args = as_args(example_inputs, torch)
+    names = graph_input_names(module, args, input_names)
+    check_types(args, names, torch)
     target = Path(path)
     if not target.parent.is_dir():
         raise InputError(f"the directory of {str(target)!r} does not exist; create it first")
-    options: dict[str, Any] = {"dynamo": dynamo, "input_names": list(input_names) if input_names else None,
+    axes = dynamic_axes_for(dynamic_axes, names, output_names, dynamo)
+    options: dict[str, Any] = {"dynamo": dynamo, "input_names": names,
                                "output_names": list(output_names) if output_names else None,
-                               "opset_version": opset, "dynamic_axes": dict(dynamic_axes) if dynamic_axes else None}
+                               "opset_version": opset, "dynamic_axes": axes}
     if dynamo:
         options["verbose"] = False
-    was_training = module.training
-    module.eval()
+    with eval_mode(module):
+        check_ids(module, args, torch, partial(_quiet, torch))
+        with contextlib.nullcontext() if dynamo else max_norm_off(module):
+            _run_export(torch, module, args, target, options)
+    if not target.is_file():
+        raise ConversionError(f"torch.onnx.export wrote no file at {str(target)!r}")
+    return target
+
+
+def _run_export(torch: Any, module: Any, args: tuple[Any, ...], target: Path, options: dict[str, Any]) -> None:
+    """``torch.onnx.export``, quiet; its failures become :class:`ConversionError`."""
     try:
         with _quiet(torch), torch.no_grad():
             torch.onnx.export(module, args, str(target), **options)
     except BridgeError:
         raise
     except Exception as exc:  # noqa: BLE001 - torch.onnx raises many unrelated exception types
-        raise ConversionError(_failure(module, dynamo, exc)) from exc
-    finally:
-        module.train(was_training)
-    if not target.is_file():
-        raise ConversionError(f"torch.onnx.export wrote no file at {str(target)!r}")
-    return target
+        raise ConversionError(_failure(module, options["dynamo"], exc)) from exc
 
 
 def extract_torch(
@@ -100,6 +139,7 @@ def extract_torch(
     dynamo: bool = False,
     force: bool = False,
     dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int]] | None = None,
+    input_names: Sequence[str] | None = None,
     opset: int | None = None,
     keep_onnx: bool = True,
 ) -> Store:
@@ -112,11 +152,17 @@ def extract_torch(
     ``padding_idx``. With ``keep_onnx`` the exported model is stored as ``model.onnx`` (parity
     runs its Gathers). Warnings (unmapped tables, embeddings missing from the graph) go to the
     manifest's ``provenance["warnings"]``.
+
+    Export follows :func:`export_onnx`: graph inputs are named ``input_names`` (default: ``forward``'s
+    parameters), the keys ``dynamic_axes`` may use; the example inputs are checked before exporting; the
+    module is never modified (an ``nn.Embedding(max_norm=...)`` is stored as it was, by both exporters).
+    Embeddings sharing one table give it a ``padding_id`` only where their ``padding_idx`` agree (a
+    warning names them where they do not); each one with ``max_norm`` adds a warning.
     """
     check_output_dir(out_dir, force)
     with tempfile.TemporaryDirectory(prefix="embridge-torch-") as tmp:
         path = export_onnx(module, example_inputs, Path(tmp) / ONNX_FILE, dynamo=dynamo,
-                           dynamic_axes=dynamic_axes, opset=opset)
+                           dynamic_axes=dynamic_axes, input_names=input_names, opset=opset)
         model = load_model(path)
         tables, warns = torch_tables(model, path.parent, module)
         files = _model_files(model, path) if keep_onnx else {}
@@ -149,9 +195,7 @@ def _table(name: str, ref: TableRef, data: np.ndarray, cands: list[Candidate], t
     if cands:
         meta["torch"] = module_metadata(cands)
         padding = meta["torch"].get("padding_idx")
-        if meta["torch"].get("max_norm") is not None:
-            warns.append(f"table {name!r}: nn.Embedding(max_norm=...) renormalizes looked-up rows in place on "
-                         "every forward; the store holds the weight as it was at export")
+        warns += _setting_warnings(name, embedding_settings(cands))
     else:
         warns.append(f"table {name!r} (initializer {ref.initializer!r}, shape {list(ref.shape)}) matches no "
                      "state_dict entry: it is stored unmapped")
@@ -161,15 +205,21 @@ def _table(name: str, ref: TableRef, data: np.ndarray, cands: list[Candidate], t
     )
 
 
+def _setting_warnings(name: str, settings: dict[str, dict[str, Any]]) -> list[str]:
+    """A warning for each embedding of table ``name`` with ``max_norm``, and one when they disagree on
+    ``padding_idx`` (then none is recorded)."""
+    warns = [f"table {name!r}: {layer!r} has nn.Embedding(max_norm={s['max_norm']}), which renormalizes "
+             "looked-up rows in place on every forward; the store holds the weight as it was before export"
+             for layer, s in settings.items() if s["max_norm"] is not None]
+    padding = conflicts(settings, "padding_idx")
+    if padding:
+        named = ", ".join(f"{layer!r} padding_idx={idx}" for layer, idx in padding.items())
+        warns.append(f"table {name!r}: the embeddings sharing it disagree on padding_idx ({named}); "
+                     "no padding_id is recorded")
+    return warns
+
+
 # ----------------------------------------------------------------------------- helpers
-
-
-def _as_args(example_inputs: Any, torch: Any) -> tuple[Any, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (tuple, list)) and example_inputs:
-        return tuple(example_inputs)
-    raise InputError("example_inputs must be a tensor or a non-empty tuple of the module's positional inputs")
 
 
 @contextlib.contextmanager

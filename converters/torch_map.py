@@ -4,7 +4,8 @@ Exporters rename and merge weights (the dynamo exporter names a tied table after
 ``head.weight``, while the legacy exporter keeps ``emb.weight``), so names are not a key; the
 bytes are (hash, then exact comparison, :func:`converters.keras_map.match_tables`). A tied
 weight matches several keys; keys owned by an ``nn.Embedding``/``nn.EmbeddingBag`` come first,
-so a table is named after its embedding, not after the head that reuses it.
+so a table is named after its embedding, not after the head that reuses it. Several embeddings on one
+table (a shared weight) give it a ``padding_idx`` only where they all agree (:func:`module_metadata`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _owner(module: Any, key: str) -> Any:
     return module if path == ROOT else module.get_submodule(path)
 
 
-def _is_embedding(obj: Any) -> bool:
+def is_embedding(obj: Any) -> bool:
+    """Whether ``obj`` is an ``nn.Embedding`` or ``nn.EmbeddingBag``."""
     torch = import_torch()
     return isinstance(obj, (torch.nn.Embedding, torch.nn.EmbeddingBag))
 
@@ -50,7 +52,7 @@ def state_dict_candidates(module: Any) -> list[Candidate]:
         owner = _owner(module, key)
         cand = Candidate(module_path(key), key, tuple(int(d) for d in tensor.shape),
                          partial(array_from_tensor, tensor), primary=True, obj=owner)
-        (first if _is_embedding(owner) and _leaf(key) == "weight" else rest).append(cand)
+        (first if is_embedding(owner) and _leaf(key) == "weight" else rest).append(cand)
     return first + rest
 
 
@@ -59,22 +61,52 @@ def map_tables(tables: Sequence[np.ndarray], module: Any) -> list[list[Candidate
     return match_tables(tables, state_dict_candidates(module))
 
 
+def embedding_settings(candidates: Sequence[Candidate]) -> dict[str, dict[str, Any]]:
+    """``{module path: {"padding_idx", "max_norm"[, "mode"]}}`` of every embedding among ``candidates``."""
+    out: dict[str, dict[str, Any]] = {}
+    for cand in candidates:
+        if is_embedding(cand.obj):
+            out[cand.layer] = {"padding_idx": cand.obj.padding_idx, "max_norm": cand.obj.max_norm}
+            if hasattr(cand.obj, "mode"):
+                out[cand.layer]["mode"] = cand.obj.mode
+    return out
+
+
+def _agreed(settings: dict[str, dict[str, Any]], key: str) -> Any:
+    """The one value of ``key`` all embeddings give (None when they disagree)."""
+    return None if conflicts(settings, key) else next(iter(settings.values())).get(key)
+
+
 def module_metadata(candidates: Sequence[Candidate]) -> dict[str, Any]:
-    """What the owning modules say about a table: keys, classes, padding_idx, bag mode, max_norm."""
+    """What the owning modules say about a table: keys, classes, padding_idx, bag mode, max_norm.
+
+    A table shared by several embeddings (one weight, or equal weights) gets a setting only where they
+    all agree; with more than one embedding, ``"embeddings"`` holds each one's own settings, in key order.
+    """
     info: dict[str, Any] = {"keys": [c.weight for c in candidates],
                             "modules": {c.layer: type(c.obj).__name__ for c in candidates}}
-    emb = next((c.obj for c in candidates if _is_embedding(c.obj)), None)
-    if emb is not None:
-        info["padding_idx"] = emb.padding_idx
-        info["max_norm"] = emb.max_norm
-        if hasattr(emb, "mode"):
-            info["mode"] = emb.mode
+    settings = embedding_settings(candidates)
+    if settings:
+        info["padding_idx"] = _agreed(settings, "padding_idx")
+        info["max_norm"] = _agreed(settings, "max_norm")
+        if any("mode" in s for s in settings.values()):
+            info["mode"] = _agreed(settings, "mode")
+    if len(settings) > 1:
+        info["embeddings"] = settings
     return info
+
+
+def conflicts(settings: dict[str, dict[str, Any]], key: str) -> dict[str, Any]:
+    """``{module path: value}`` of ``key`` when the embeddings in ``settings`` disagree on it, else ``{}``."""
+    values = {layer: s.get(key) for layer, s in settings.items()}
+    first = next(iter(values.values()), None)
+    return values if any(v != first for v in values.values()) else {}
 
 
 def embedding_keys(module: Any) -> list[str]:
     """The ``weight`` keys of every ``nn.Embedding``/``nn.EmbeddingBag`` in ``module``'s state_dict."""
-    return [c.weight for c in state_dict_candidates(module) if _is_embedding(c.obj) and _leaf(c.weight) == "weight"]
+    return [c.weight for c in state_dict_candidates(module) if is_embedding(c.obj) and _leaf(c.weight) == "weight"]
 
 
-__all__ = ["ROOT", "embedding_keys", "map_tables", "module_metadata", "module_path", "state_dict_candidates"]
+__all__ = ["ROOT", "conflicts", "embedding_keys", "embedding_settings", "is_embedding", "map_tables", "module_metadata",
+           "module_path", "state_dict_candidates"]
