@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -85,8 +86,14 @@ class BenchConfig:
         bad = [d for d in self.distributions if d not in DISTRIBUTIONS]
         if bad:
             raise InputError(f"unknown id distribution(s) {bad}; choose from {', '.join(DISTRIBUTIONS)}")
-        if not self.tables or not self.batches:
-            raise InputError("a benchmark needs at least one table and one batch size")
+        if not self.tables or not self.batches or not self.distributions:
+            raise InputError("a benchmark needs at least one table, one batch size and one id distribution")
+        names = [t.name for t in self.tables]
+        if len(set(names)) != len(names):
+            raise InputError(f"table names must differ, got {names}; give each --table its own NAME")
+        if self.seed < 0:
+            raise InputError(f"the seed must be >= 0, got {self.seed}")
+        _check_memory(self)
         if any(b < 1 for b in self.batches):
             raise InputError(f"batch sizes must be >= 1, got {list(self.batches)}")
         if self.repeats < 1 or self.min_repeats < 1:
@@ -131,7 +138,7 @@ def parse_table(text: str) -> TableSpec:
     if text in presets:
         return presets[text]
     match = _TABLE_RE.match(text.strip())
-    if not match or int(match.group(2)) < 1 or int(match.group(3)) < 1:
+    if not match or not 1 <= int(match.group(2)) < 2**40 or not 1 <= int(match.group(3)) < 2**20:
         raise InputError(f"bad table {text!r}; write NAME=ROWSxDIM (e.g. tiny=1000x16) or small, medium, large")
     return TableSpec(match.group(1), int(match.group(2)), int(match.group(3)))
 
@@ -142,9 +149,25 @@ def parse_ints(text: str, what: str) -> tuple[int, ...]:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise InputError(f"bad {what} {text!r}; write comma-separated integers, e.g. 1,16,256") from None
-    if not values or any(v < 1 for v in values):
+    if not values or any(not 1 <= v < 2**40 for v in values):
         raise InputError(f"bad {what} {text!r}; give at least one integer >= 1")
-    return values
+    return tuple(dict.fromkeys(values))  # each once, in the order given
+
+
+def _check_memory(cfg: BenchConfig) -> None:
+    """InputError when the largest table plus the buffers of the largest batch cannot fit in this machine's memory.
+
+    A cell holds the table, the ids, the shared output, the reference copy and the variants' own outputs:
+    about four outputs of the batch. Checked before anything runs, so a size typo fails in a second.
+    """
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    if not physical:
+        return
+    dim = max(t.dim for t in cfg.tables)
+    need = max(t.nbytes for t in cfg.tables) + 4 * max(cfg.batches) * (dim * 4 + 8)
+    if need > physical:
+        raise InputError(f"these tables and batches need about {_mib(need)} of memory, and this machine has "
+                         f"{_mib(physical)}; choose smaller --table or --batches")
 
 
 def _mib(n: int) -> str:

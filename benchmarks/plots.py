@@ -27,6 +27,9 @@ REFERENCES: dict[str, dict[str, Any]] = {"np.take": {"color": "0.55", "linewidth
                                          "memcpy": {"color": "black", "linestyle": ":"}}
 
 
+PLOT_NAMES = ("latency.png", "bandwidth.png", "pairs.png")
+
+
 def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     """Write ``latency.png``, ``bandwidth.png`` and ``pairs.png`` into ``out_dir``; returns their paths."""
     import matplotlib
@@ -34,7 +37,7 @@ def write_plots(doc: dict[str, Any], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    paths = [out_dir / "latency.png", out_dir / "bandwidth.png", out_dir / "pairs.png"]
+    paths = [out_dir / name for name in PLOT_NAMES]
     for path, draw in zip(paths, (_latency, _bandwidth, _pairs), strict=True):
         fig = draw(plt, doc)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -19,7 +20,6 @@ from benchmarks.report import add_ratios, to_markdown, validate
 from benchmarks.targets import evaluate
 from benchmarks.tokens_bench import run_tokens
 from benchmarks.variants import catalogue
-from bridge.atomic import atomic_file
 from bridge.render import json_safe
 
 JSON_NAME, MARKDOWN_NAME = "results.json", "results.md"
@@ -65,24 +65,40 @@ def run_benchmark(cfg: BenchConfig, *, command: str | None = None, progress: boo
 def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike[str], *, plots: bool = True) -> dict[str, Path]:
     """Write ``results.json``, ``results.md`` and (with ``plots``) ``latency.png``, ``bandwidth.png``, ``pairs.png``.
 
-    ``out_dir`` is created if needed; each file is replaced atomically, other files there are left alone.
+    ``out_dir`` is created if needed. The files are made in a staging directory inside it and then moved
+    into place, so an error or an interrupt while they are made leaves the previous results as they were;
+    without ``plots``, the previous run's plots are removed (they would describe other results). Other
+    files in ``out_dir`` are left alone.
     """
-    import json
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     problems = validate(doc)
     if problems:
         raise ValueError("benchmark document does not match its schema: " + "; ".join(problems[:5]))
-    written = {"json": out / JSON_NAME, "markdown": out / MARKDOWN_NAME}
-    with atomic_file(written["json"], "w") as fh:
-        json.dump(json_safe(doc), fh, indent=1, allow_nan=False)  # type: ignore[arg-type]
-        fh.write("\n")  # type: ignore[attr-defined]
-    with atomic_file(written["markdown"], "w") as fh:
-        fh.write(to_markdown(doc))  # type: ignore[attr-defined]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".results-", dir=out))
+    try:
+        made = _render(doc, staging, plots)
+        for path in made.values():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not plots:
+        from benchmarks.plots import PLOT_NAMES
+
+        for name in PLOT_NAMES:
+            (out / name).unlink(missing_ok=True)
+    return {key: out / path.name for key, path in made.items()}
+
+
+def _render(doc: dict[str, Any], into: Path, plots: bool) -> dict[str, Path]:
+    """Every output file of ``doc``, written into ``into``."""
+    import json
+
+    made = {"json": into / JSON_NAME, "markdown": into / MARKDOWN_NAME}
+    made["json"].write_text(json.dumps(json_safe(doc), indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    made["markdown"].write_text(to_markdown(doc), encoding="utf-8")
     if plots:
         from benchmarks.plots import write_plots
 
-        for path in write_plots(doc, out):
-            written[path.stem] = path
-    return written
+        made.update({path.stem: path for path in write_plots(doc, into)})
+    return made

@@ -25,6 +25,7 @@ OVERHEAD = (("numpy", "bridge.numpy", 3e-6), ("torch", "bridge.torch@1t", 5e-6),
 PARITY_MAX_RATIO = 1.10
 BANDWIDTH_TABLE, BANDWIDTH_BATCH, BANDWIDTH_MIN = "large", 1_048_576, 0.40
 TOKENS_MIN_SPEEDUP = 3.0
+TOKENS_TARGET_COUNT = 1_000_000  # the tokens the target is stated for
 
 
 def evaluate(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -98,8 +99,11 @@ def _tokens(tokens: dict[str, Any] | None) -> list[dict[str, Any]]:
     for r in tokens["results"]:
         if not r["variant"].startswith("bridge."):
             continue
-        value = r["speedup_vs_gensim"]
-        detail = f"{tokens['tokens']:,} tokens" if value is not None else "not measured (gensim missing)"
+        value, detail = r["speedup_vs_gensim"], f"{tokens['tokens']:,} tokens"
+        if value is None:
+            detail = "not measured (gensim was not run: skipped or not installed)"
+        elif tokens["tokens"] < TOKENS_TARGET_COUNT:  # per-call overhead would dominate: not the target's case
+            value, detail = None, f"not measured (the target is for {TOKENS_TARGET_COUNT:,} tokens; {detail})"
         gensim = next((g for g in tokens["results"] if g["variant"] == "gensim.kv[words]"), None)
         cpu = gensim["cpu_median_s"] / r["cpu_median_s"] if gensim is not None and r["cpu_median_s"] > 0 else None
         found.append(_target(f"tokens-{r['variant']}", f"{r['variant']} speed-up over gensim kv[words]", ">=",

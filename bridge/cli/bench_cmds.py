@@ -7,10 +7,13 @@ when the command runs, so ``embridge`` starts fast and ``import bridge`` never l
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib
 import importlib.util
 import shlex
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from bridge.cli.common import add_json, emit_json, note, say
@@ -52,14 +55,15 @@ def build_config(args: argparse.Namespace) -> Any:
     config = _suite("benchmarks.config")
     make = config.quick_config if args.quick else config.full_config
     changes: dict[str, Any] = {"tensorflow": not args.no_tf, "gensim": not args.no_gensim, "seed": args.seed}
-    if args.variants:
-        changes["variants"] = tuple(p.strip() for p in args.variants.split(",") if p.strip())
+    patterns = tuple(dict.fromkeys(p.strip() for p in (args.variants or "").split(",") if p.strip()))
+    if patterns:
+        changes["variants"] = patterns
     if args.table:
         changes["tables"] = tuple(config.parse_table(t) for t in args.table)
     if args.batches:
         changes["batches"] = config.parse_ints(args.batches, "batch sizes")
-    if args.dist:
-        changes["distributions"] = tuple(d.strip() for d in args.dist.split(",") if d.strip())
+    if args.dist is not None:
+        changes["distributions"] = tuple(dict.fromkeys(d.strip() for d in args.dist.split(",") if d.strip()))
     if args.repeats is not None:
         if args.repeats < 1:
             raise InputError(f"--repeats must be >= 1, got {args.repeats}")
@@ -69,10 +73,40 @@ def build_config(args: argparse.Namespace) -> Any:
         if args.tokens < 0:
             raise InputError(f"--tokens must be >= 0, got {args.tokens}")
         changes["tokens"] = args.tokens
+    if args.large and args.table:
+        raise InputError("--large adds the large preset to the default tables; with --table, name it: --table large")
     cfg = make(large=args.large, **changes)
-    if args.table or args.batches or args.dist or args.variants:
+    if patterns:
+        _check_patterns(cfg, patterns)
+    if args.table or args.batches or args.dist or patterns:
         cfg = replace(cfg, mode=f"{cfg.mode}+custom")
     return cfg
+
+
+def _check_patterns(cfg: Any, patterns: tuple[str, ...]) -> None:
+    """InputError for a --variants pattern that names no variant (np.take and memcpy are always timed)."""
+    names = [v.name for v in _suite("benchmarks.variants").catalogue(replace(cfg, variants=()))]
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if unmatched:
+        raise InputError(f"--variants {', '.join(map(repr, unmatched))} match no variant; the variants are "
+                         f"{', '.join(names)}")
+
+
+def check_out_dir(out: str) -> Path:
+    """``--out`` as a directory this run can write into (created if missing), checked before the run starts."""
+    if not out.strip():
+        raise InputError("--out is empty; give a directory, e.g. --out bench-out")
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {out!r} is a file; give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise InputError(f"--out {out!r} cannot be written ({exc.strerror or exc}); choose another directory") \
+            from exc
+    return path
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -96,11 +130,12 @@ def run_bench(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if not args.no_plots and importlib.util.find_spec("matplotlib") is None:
         raise UnsupportedError("the plots need matplotlib: pip install 'embedding-bridge[bench]', or pass --no-plots")
+    out = check_out_dir(args.out)
     runner = _suite("benchmarks.runner")
     note(f"embridge bench: {cfg.mode} run, tables {', '.join(t.name for t in cfg.tables)}; "
-         f"results go to {args.out}/")
+         f"results go to {out}/")
     doc = runner.run_benchmark(cfg, command=command_line(args))
-    written = runner.write_outputs(doc, args.out, plots=not args.no_plots)
+    written = runner.write_outputs(doc, out, plots=not args.no_plots)
     if args.json:
         emit_json(doc)
     else:

@@ -90,7 +90,9 @@ def test_targets_are_evaluated_or_marked_not_measured(run: tuple[dict[str, Any],
     assert isinstance(targets["large-batch-bridge.numpy(out)"]["passed"], bool)  # batch 65,536 was run
     assert targets["copy-bandwidth-large"]["passed"] is None  # no large table in this run
     assert targets["copy-bandwidth-large"]["value"] is None
-    assert isinstance(targets["tokens-bridge.numpy.tokens"]["value"], float)
+    tokens = targets["tokens-bridge.numpy.tokens"]  # 1,000 tokens: the target is stated for 1,000,000
+    assert tokens["value"] is None and tokens["passed"] is None and "the target is for 1,000,000" in tokens["detail"]
+    assert isinstance(run[0]["tokens"]["results"][0]["speedup_vs_gensim"], float)  # measured all the same
 
 
 def test_out_adapters_are_paired_with_their_fastest_raw_call(
@@ -233,12 +235,60 @@ def test_cli_json_on_stdout_and_files(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "wrote " in captured.err
 
 
-def test_cli_rejects_bad_options() -> None:
-    for argv in (["bench", "--table", "big=10by4"], ["bench", "--batches", "1,x"], ["bench", "--dist", "normal"],
-                 ["bench", "--repeats", "0"]):
-        args = cli(argv)
-        with pytest.raises(InputError):
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--table", "big=10by4"], "bad table"),
+    (["--batches", "1,x"], "bad batch sizes"),
+    (["--dist", "normal"], "unknown id distribution"),
+    (["--dist", ","], "one id distribution"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--table", "t=10x4", "--table", "t=20x4"], "table names must differ"),
+    (["--seed=-1"], "the seed must be >= 0"),
+    (["--table", "t=99999999999999999999x8"], "bad table"),
+    (["--table", "t=1000000000x100000"], "of memory, and this machine has"),
+    (["--batches", "99999999999999999999"], "bad batch sizes"),
+    (["--variants", "nomatch*"], "match no variant"),
+    (["--large", "--table", "t=10x4"], "--large adds the large preset"),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_cli_rejects_bad_options_before_running(argv: list[str], message: str) -> None:
+    args = cli(["bench", "--no-tf", *argv])
+    with pytest.raises(InputError, match=message):
+        args.func(args)
+
+
+def test_cli_checks_out_before_running(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    for out, message in ((tmp_path / "file", "is a file"), (tmp_path / "file" / "sub", "cannot be written"),
+                         ("", "--out is empty")):
+        args = cli(["bench", "--no-tf", "--table", "t=10x4", "--batches", "1", "--out", str(out)])
+        with pytest.raises(InputError, match=message):
             args.func(args)
+
+
+def test_duplicate_batches_and_distributions_are_timed_once() -> None:
+    from bridge.cli.bench_cmds import build_config
+
+    cfg = build_config(cli(["bench", "--no-tf", "--batches", "1,8,1", "--dist", "zipf,zipf"]))
+    assert cfg.batches == (1, 8) and cfg.distributions == ("zipf",)
+
+
+def test_outputs_replace_the_previous_set_or_leave_it(run: tuple[dict[str, Any], Path, dict[str, Path]],
+                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An interrupt while the files are made leaves the previous results; --no-plots drops the old plots."""
+    import benchmarks.plots
+
+    doc, _, _ = run
+    write_outputs(doc, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(benchmarks.plots, "write_plots", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs({**doc, "duration_s": 1.5}, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    write_outputs(doc, tmp_path, plots=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
 
 
 @pytest.mark.slow
