@@ -233,9 +233,10 @@ class SharedSessions:
 
     def lookup(self, table: str, policy: str = "error") -> Any:
         """A shared ``bridge.backends`` lookup over a store table (checked once)."""
-        entry = table_entry(self.store, table)
-        if self.verify:
-            self._verified.check(safe_child_path(self.store.path, entry["file"]), entry["sha256"], f"table {table!r}")
+        table_entry(self.store, table)
+        if self.verify:  # the data, the scale and zero point, the vocabulary: all a lookup serves from
+            for path, sha256, what in self.store.table_files(table):
+                self._verified.check(path, sha256, what)
         if (table, policy) not in self._lookups:
             self._lookups[(table, policy)] = make_lookup(self.store[table], self.backend, policy)
         return self._lookups[(table, policy)]

@@ -29,7 +29,7 @@ import onnx
 from bridge import dtypes
 from bridge import manifest as mf
 from bridge.atomic import atomic_directory, check_output_dir
-from bridge.cut import CutModel, CutSpec, TableCut, cut_gathers, feed_cut_model
+from bridge.cut import CUT_KEY, CutModel, CutSpec, TableCut, cut_gathers, feed_cut_model
 from bridge.errors import InputError, UnsupportedError
 from bridge.external import external_tensors, move_external_tensors, point_initializer_at_file, save_model
 from bridge.npyio import file_sha256
@@ -148,6 +148,9 @@ def _unique_paths(model_paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 def _read_source(path: Path) -> _Source:
     model = load_model(path)
+    if any(prop.key == CUT_KEY for prop in model.metadata_props):  # its cuts name tables of another store
+        raise InputError(f"{str(path)!r} was cut by an earlier `embridge share --cut` (some of its lookups are fed "
+                         "from that store); share the original model instead")
     refs = scan(model)
     if not refs:
         raise InputError(f"{str(path)!r} has no embedding tables (no Gather on a 2-D constant); leave it out")

@@ -229,14 +229,29 @@ class Store(Mapping[str, EmbeddingTable]):
             raise StoreError(f"vocabulary {name!r} has {len(vocab)} tokens, the manifest says {entry['size']}")
         return vocab
 
+    def table_files(self, name: str) -> list[tuple[Path, str, str]]:
+        """``(path, sha256, what)`` of every file table ``name`` is served from: its data, its scale and
+        zero point (quantized), its vocabulary."""
+        entry = self.entry(name)
+        files = [(self.file_path(entry["file"]), entry["sha256"], f"table {name!r}")]
+        files += [(self.file_path(p["file"]), p["sha256"], f"{key} of table {name!r}")
+                  for key, p in _quantization_files(entry)]
+        vocab = self._vocab_entries.get(entry.get("vocab") or "")
+        if vocab is not None:
+            files.append((self.file_path(vocab["file"]), vocab["sha256"], f"vocabulary {vocab['name']!r}"))
+        return files
+
     def verify(self) -> None:
         """Check every file listed in the manifest against its sha256; raise :class:`ChecksumError`."""
-        for entry in self._entries.values():
-            verify_sha256(self.file_path(entry["file"]), entry["sha256"], f"table {entry['name']!r}")
-            for key, param in _quantization_files(entry):
-                verify_sha256(self.file_path(param["file"]), param["sha256"], f"{key} of table {entry['name']!r}")
+        checked: set[Path] = set()
+        for name in self._entries:
+            for path, sha256, what in self.table_files(name):
+                if path not in checked:
+                    verify_sha256(path, sha256, what)
+                    checked.add(path)
         for entry in self._vocab_entries.values():
-            verify_sha256(self.file_path(entry["file"]), entry["sha256"], f"vocabulary {entry['name']!r}")
+            if self.file_path(entry["file"]) not in checked:
+                verify_sha256(self.file_path(entry["file"]), entry["sha256"], f"vocabulary {entry['name']!r}")
         for name, info in self.manifest.get("files", {}).items():
             verify_sha256(self.file_path(name), info["sha256"], f"file {name!r}")
 

@@ -59,6 +59,8 @@ def text_settings(layer: Any) -> TextSettings:
         problems.append("a custom split callable")
     if config.get("ngrams") is not None:
         problems.append(f"ngrams={config.get('ngrams')!r}")
+    if config.get("ragged"):
+        problems.append("ragged=True (Keras returns ragged ids; the converted model pads them)")
     if config.get("output_mode", "int") != "int":
         problems.append(f"output_mode={config.get('output_mode')!r} (only 'int' gives ids for an Embedding)")
     lookup = getattr(layer, "_lookup_layer", None)
@@ -70,8 +72,8 @@ def text_settings(layer: Any) -> TextSettings:
         raise UnsupportedError(
             f"TextVectorization {name!r} uses {', '.join(problems)}, which bridge.text cannot reproduce bit for bit; "
             "use standardize in (None, 'lower', 'strip_punctuation', 'lower_and_strip_punctuation'), split in "
-            "(None, 'whitespace', 'character'), no ngrams, output_mode='int', or convert the model after the layer "
-            "(keras.Model(text_layer_output, model.output)) and tokenize yourself"
+            "(None, 'whitespace', 'character'), no ngrams, ragged=False, output_mode='int', or convert the model "
+            "after the layer (keras.Model(text_layer_output, model.output)) and tokenize yourself"
         )
     return TextSettings(standardize=standardize, split=split,
                         output_sequence_length=config.get("output_sequence_length"))

@@ -278,3 +278,23 @@ def test_share_modules_import_no_framework() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("tampered", ["scale", "vocabulary"])
+def test_lookup_checks_every_file_it_serves_from(tmp_path: Path, tampered: str) -> None:
+    """A quantized table's scale and a table's vocabulary are checked like its data (they were not)."""
+    from bridge import EmbeddingTable, Vocabulary, write_store
+    from bridge.quantization import Quantization
+
+    rng = np.random.default_rng(3)
+    q = EmbeddingTable("Q", rng.integers(-128, 128, (6, 4)).astype(np.int8),
+                       quantization=Quantization("row_div", (rng.random(6) + 0.5).astype(np.float32)))
+    t = EmbeddingTable("T", rng.standard_normal((3, 4)).astype(np.float32), vocab=Vocabulary(["a", "b", "c"]))
+    write_store(tmp_path / "s", [q, t])
+    sessions = SharedSessions(tmp_path / "s", backend="numpy")
+    path = tmp_path / "s" / ("tables/Q.scale.npy" if tampered == "scale" else "vocab/T.txt")
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="scale of table 'Q'" if tampered == "scale" else "vocabulary 'T'"):
+        sessions.lookup("Q" if tampered == "scale" else "T")

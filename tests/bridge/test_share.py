@@ -451,3 +451,29 @@ def test_inspect_and_extract_of_external_data_stay_within_memory_budget(tmp_path
     # measured: ~46 MiB for inspect, ~242 MiB for extract; reading the model whole would cost >= 2x the table
     assert peak - baseline <= 1.1 * nbytes + 64 * 2**20
     assert open_store(tmp_path / "store")["W"].data[-1, 0] == rows - 20_000
+
+
+def test_a_model_cut_by_an_earlier_share_is_refused(tmp_path: Path) -> None:
+    """Its cut metadata names tables of the first store: shared again it ran against another table silently."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from bridge.errors import InputError
+    from bridge.share import share
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["g1"], name="g1"),
+             helper.make_node("Squeeze", ["ids2", "ax"], ["sq"], name="sq"),
+             helper.make_node("Gather", ["W3", "sq"], ["g2"], name="g2"),
+             helper.make_node("Add", ["g1", "g2"], ["out"], name="add")]
+    inits = [numpy_helper.from_array(rng.standard_normal((50, 8)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.standard_normal((20, 8)).astype(np.float32), "W3"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax")]
+    graph = helper.make_graph(nodes, "c", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b"]),
+                                           helper.make_tensor_value_info("ids2", TensorProto.INT64, ["b", 1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", 8])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path / "c.onnx")
+    first = share([tmp_path / "c.onnx"], tmp_path / "first", cut=True)
+    assert first.models[0].cut  # W was cut, W3 was not
+    with pytest.raises(InputError, match="was cut by an earlier `embridge share --cut`"):
+        share([tmp_path / "first" / "c.onnx"], tmp_path / "second")
+    assert not (tmp_path / "second").exists()

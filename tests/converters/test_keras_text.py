@@ -81,6 +81,8 @@ def test_settings_keras_cannot_be_matched_are_refused(kmodels: Any) -> None:
         text_settings(adapted(kmodels, split=lambda t: kmodels.tf.strings.split(t, sep="-")))
     with pytest.raises(UnsupportedError, match="output_mode"):
         text_settings(adapted(kmodels, output_mode="multi_hot"))
+    with pytest.raises(UnsupportedError, match="ragged=True"):
+        text_settings(adapted(kmodels, ragged=True))
     with pytest.raises(UnsupportedError, match="split="):
         TextSettings(split="regex")
     with pytest.raises(UnsupportedError, match="unknown text pipeline settings"):
