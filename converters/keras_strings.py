@@ -161,6 +161,9 @@ def _mask_test(equal: onnx.NodeProto, source: str, token: bytes) -> list[onnx.No
 def fix_string_equals(model: onnx.ModelProto, lookups: Sequence[MaskedLookup]) -> tuple[list[str], list[str]]:
     """Rewrite the Equals of :func:`string_equal_casts` in place; return ``(fixed, unresolved)`` Equal names."""
     graph = model.graph
+    # nodes are matched by id(): hold every node's Python object for the whole rewrite, or protobuf frees a
+    # wrapper and a later one reuses its address (two masked lookups replaced unrelated nodes)
+    alive = list(graph.node)
     fixed, unresolved = [], []
     replacements: dict[int, list[onnx.NodeProto]] = {}
     dropped: set[int] = set()
@@ -176,6 +179,7 @@ def fix_string_equals(model: onnx.ModelProto, lookups: Sequence[MaskedLookup]) -
         _replace_nodes(graph, replacements, dropped)
         _drop_unread_initializers(model)
         _ensure_ml_opset(model)
+    del alive
     return fixed, unresolved
 
 

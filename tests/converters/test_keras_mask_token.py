@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from bridge import lookup, open_store
 from bridge.cli import main
+from converters.keras import convert
 from converters.keras_parity import MODEL_ATOL, MODEL_RTOL
 from converters.keras_strings import MaskedLookup, fix_string_equals, string_equal_casts
 
@@ -156,3 +157,27 @@ def test_two_string_tensors_compared_are_left_and_reported() -> None:
     del model.graph.initializer[:]
     assert fix_string_equals(model, [MaskedLookup("lookup", "[PAD]", ("x",))]) == ([], ["eq"])
     assert [n.op_type for n in model.graph.node] == ["Cast", "Cast", "Equal"]
+
+
+def test_two_masked_lookups_in_one_model(kmodels: Any, tmp_path: Path) -> None:
+    """Each mask test is rewritten on its own (nodes were matched by id(), which protobuf reuses: two masked
+    lookups replaced unrelated nodes and left a model onnxruntime refused)."""
+    import onnxruntime as ort
+
+    keras, tf = kmodels.keras, kmodels.tf
+    la = keras.layers.StringLookup(vocabulary=["x", "y", "z"], mask_token="<m1>", name="la")
+    lb = keras.layers.StringLookup(vocabulary=["x", "q"], mask_token="<m2>", name="lb")
+    a = keras.Input((None,), dtype="string", name="a")
+    b = keras.Input((None,), dtype="string", name="b")
+    pool = keras.layers.GlobalAveragePooling1D
+    pa = pool()(keras.layers.Embedding(la.vocabulary_size(), 3, mask_zero=True, name="e1")(la(a)))
+    pb = pool()(keras.layers.Embedding(lb.vocabulary_size(), 3, mask_zero=True, name="e2")(lb(b)))
+    model = keras.Model([a, b], keras.layers.Dense(2, name="head")(keras.layers.Add()([pa, pb])))
+    result = convert(model, tmp_path / "out")
+    graph = onnx.load(str(result.onnx_path)).graph
+    assert sum(n.op_type == "CategoryMapper" for n in graph.node) == 4  # two lookups, two mask tests
+    feeds = {"a": np.array([["x", "<m1>", "<m2>", "y", ""]], dtype=object),
+             "b": np.array([["<m2>", "x", "<m1>", "q", ""]], dtype=object)}
+    got = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    want = np.asarray(model([tf.constant(feeds["a"].astype(str)), tf.constant(feeds["b"].astype(str))]))
+    np.testing.assert_allclose(got, want, atol=MODEL_ATOL, rtol=MODEL_RTOL)
