@@ -100,12 +100,17 @@ def export_onnx(
     if not isinstance(module, torch.nn.Module):
         raise InputError(f"export_onnx takes a torch.nn.Module, not {type(module).__name__}")
     args = as_args(example_inputs, torch)
-    names = graph_input_names(module, args, input_names)
-    check_types(args, names, torch)
+    check_types(args, torch)
     target = Path(path)
     if not target.parent.is_dir():
         raise InputError(f"the directory of {str(target)!r} does not exist; create it first")
-    axes = dynamic_axes_for(dynamic_axes, names, output_names, dynamo)
+    if all(isinstance(a, torch.Tensor) for a in args):  # one graph input per example input: name them
+        named = graph_input_names(module, args, input_names)
+        names: list[str] | None = named
+        axes = dynamic_axes_for(dynamic_axes, named, output_names, dynamo)
+    else:  # nested inputs (a tuple, keyword args in a trailing dict): the exporter flattens and names them
+        names = list(input_names) if input_names is not None else None
+        axes = dict(dynamic_axes) if dynamic_axes else None
     options: dict[str, Any] = {"dynamo": dynamo, "input_names": names,
                                "output_names": list(output_names) if output_names else None,
                                "opset_version": opset, "dynamic_axes": axes}

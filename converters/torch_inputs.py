@@ -33,15 +33,20 @@ def as_args(example_inputs: Any, torch: Any) -> tuple[Any, ...]:
     raise InputError("example_inputs must be a tensor or a non-empty tuple of the module's positional inputs")
 
 
-def check_types(args: tuple[Any, ...], names: Sequence[str], torch: Any) -> None:
-    """Every example input must be a ``torch.Tensor`` (a NumPy array or a list is refused, before exporting)."""
-    for i, (arg, name) in enumerate(zip(args, names, strict=True)):
-        if not isinstance(arg, torch.Tensor):
-            kind = type(arg).__qualname__
-            kind = kind if type(arg).__module__ == "builtins" else f"{type(arg).__module__}.{kind}"
-            fix = "torch.from_numpy(array)" if isinstance(arg, np.ndarray) else "torch.tensor(...)"
-            raise InputError(f"example input {i} ({name!r}) is of type {kind}, not a torch.Tensor; pass {fix} "
-                             "(example_inputs is a tensor or a tuple of tensors)")
+def check_types(args: tuple[Any, ...], torch: Any) -> None:
+    """Refuse example inputs torch.onnx cannot trace as tensors: NumPy arrays, Python numbers and lists.
+
+    Tensors, and tuples or dicts of them (a trailing dict holds keyword arguments, torch.onnx's own
+    convention), are accepted; what is inside a container is left to the exporter.
+    """
+    for i, arg in enumerate(args):
+        if isinstance(arg, (torch.Tensor, tuple, dict)) or arg is None:
+            continue
+        kind = type(arg).__qualname__
+        kind = kind if type(arg).__module__ == "builtins" else f"{type(arg).__module__}.{kind}"
+        fix = "torch.from_numpy(array)" if isinstance(arg, np.ndarray) else "torch.tensor(...)"
+        raise InputError(f"example input {i} is of type {kind}, not a torch.Tensor; pass {fix} "
+                         "(example_inputs is a tensor or a tuple of tensors)")
 
 
 def graph_input_names(module: Any, args: tuple[Any, ...], given: Sequence[str] | None) -> list[str]:
@@ -117,9 +122,11 @@ def check_ids(module: Any, args: tuple[Any, ...], torch: Any,
              for path, m in module.named_modules() if is_embedding(m)]
     if not hooks:
         return
+    positional, keywords = (args[:-1], args[-1]) if args and isinstance(args[-1], dict) else (args, {})
+    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}  # forward may update them
     try:
         with max_norm_off(module), torch.no_grad(), quiet():
-            module(*args)
+            module(*positional, **keywords)
     except BridgeError:
         raise
     except Exception:  # noqa: BLE001 - not the ids: torch.onnx.export fails on it too and says why
@@ -127,6 +134,10 @@ def check_ids(module: Any, args: tuple[Any, ...], torch: Any,
     finally:
         for hook in hooks:
             hook.remove()
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in buffers:
+                    b.copy_(buffers[name])
 
 
 def ids_hook(path: str, emb: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

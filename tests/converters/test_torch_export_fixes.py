@@ -218,7 +218,7 @@ def test_shared_table_with_agreeing_padding_idx_and_max_norm_warnings(tmp_path: 
     pytest.param(torch.tensor([3, V]), r"'emb' \(20 rows\) gets ids from 3 to 20; they must be in \[0, 20\)",
                  id="too-large"),
     pytest.param(torch.tensor([-1, 2]), r"ids from -1 to 2", id="negative"),
-    pytest.param(np.array([1, 2]), r"example input 0 \('ids'\) is of type numpy.ndarray.*torch.from_numpy",
+    pytest.param(np.array([1, 2]), r"example input 0 is of type numpy.ndarray.*torch.from_numpy",
                  id="numpy"),
 ])
 def test_bad_example_inputs_are_input_errors(tmp_path: Path, dynamo: bool, ids, match: str) -> None:
@@ -239,3 +239,28 @@ def test_bad_ids_of_an_embedding_bag(tmp_path: Path) -> None:
 
     with pytest.raises(InputError, match=r"EmbeddingBag 'bag' \(20 rows\) gets ids from 1 to 25"):
         export_onnx(Bag(), (torch.tensor([1, 25]), torch.tensor([0])), tmp_path / "m.onnx")
+
+
+class _Counting(nn.Module):
+    """An embedding whose forward updates a buffer, and takes keyword arguments."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Embedding(V, 4)
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+        self.calls += 1
+        out = self.a(ids)
+        return out if extra is None else out + extra
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_nested_example_inputs_and_buffers(tmp_path: Path, dynamo: bool) -> None:
+    """A trailing dict of keyword arguments is accepted (torch.onnx's convention), and the ids check's own
+    forward run leaves the buffers as they were."""
+    module = _seeded(_Counting)
+    before = module.calls.clone()
+    ids = torch.tensor([[1, 2, 3]])
+    extract_torch(module, (ids, {"extra": torch.ones(1, 3, 4)}), tmp_path / "out", dynamo=dynamo)
+    assert (module.calls - before).item() == (0 if dynamo else 1)  # the legacy exporter's own trace runs forward
