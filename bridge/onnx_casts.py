@@ -9,9 +9,9 @@ leaves NaN payloads and the rounding of two-step conversions open):
 ==========================================  ==================================================================
 cast                                        computed as
 ==========================================  ==================================================================
-among float16, float32, float64, bfloat16   one conversion, rounding to nearest even; a NaN keeps its sign and
-                                            top payload bits and becomes quiet (a bfloat16 NaN widens as is)
-float64 -> float16, float64 -> bfloat16     through float32 (rounded twice); float16 NaNs become ``0x7e00``
+among float16, float32, float64, bfloat16   one conversion, rounding to nearest even (a table holding NaN is
+                                            refused: onnxruntime's NaN bits depend on the NaN's position)
+float64 -> float16, float64 -> bfloat16     through float32 (rounded twice)
 integer -> integer, integer -> float        only where every value of the integer type is exact in the target
 ==========================================  ==================================================================
 
@@ -50,6 +50,13 @@ def served_data(model: onnx.ModelProto, ref: TableRef, data: np.ndarray, graphs:
     steps = table_casts(model, ref, data.dtype, graphs)
     if not steps or ref.quantization:
         return data, None
+    if data.dtype.kind in "fV" and np.isnan(data).any():
+        raise UnsupportedError(
+            f"table {ref.initializer!r} holds NaN values and the model casts it ({_chain_text(data.dtype, steps)}): "
+            "onnxruntime gives a cast NaN bits that depend on where it sits in the tensor (its vectorized loop "
+            "quiets NaNs, its scalar tail does not, or drops the payload), so no stored table can match the model "
+            "bit for bit; replace the NaNs, or remove the Cast"
+        )
     served = data
     for to in steps:
         served = _convert(served, to)
@@ -143,38 +150,11 @@ def _quantized_cast_problem(integers: np.dtype[Any], to: np.dtype[Any]) -> str |
 
 
 def _convert(data: np.ndarray, to: np.dtype[Any]) -> np.ndarray:
-    """``data`` cast to ``to`` as onnxruntime's Cast computes it (see the module docstring)."""
+    """``data`` (no NaN: :func:`served_data` refuses those) cast to ``to`` as onnxruntime's Cast computes it."""
     with np.errstate(over="ignore", invalid="ignore"):
-        if data.dtype.kind in "iu" or data.dtype.name == "bfloat16":
-            return data.astype(to)
-        quiet = _quiet_nans(data)
-        if (data.dtype.name, to.name) not in _THROUGH_FLOAT32:
-            return quiet.astype(to)
-        narrow = quiet.astype(np.float32).astype(to)
-    return _canonical_nans(narrow) if to.name == "float16" else narrow
-
-
-def _bits(dtype: np.dtype[Any]) -> np.dtype[Any]:
-    return np.dtype(f"u{dtype.itemsize}")
-
-
-def _quiet_nans(data: np.ndarray) -> np.ndarray:
-    """``data`` with the quiet bit set in every NaN (a copy only when there are NaNs)."""
-    nan = np.isnan(data)
-    if not nan.any():
-        return data
-    out = np.array(data)
-    bits = out.view(_bits(out.dtype))
-    bits[nan] |= bits.dtype.type(1 << (_precision(out.dtype) - 2))
-    return out
-
-
-def _canonical_nans(data: np.ndarray) -> np.ndarray:
-    """float16 ``data`` with every NaN replaced by ``0x7e00`` of its sign (in place)."""
-    bits = data.view(np.uint16)
-    nan = np.isnan(data)
-    bits[nan] = (bits[nan] & 0x8000) | 0x7E00
-    return data
+        if (data.dtype.name, to.name) in _THROUGH_FLOAT32:
+            return data.astype(np.float32).astype(to)
+        return data.astype(to)
 
 
 class ModelGraphs:
