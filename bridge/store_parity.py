@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from bridge.backends import BACKENDS
 from bridge.errors import InputError, ParityError, UnsupportedError
 from bridge.parity import DEFAULT_BACKENDS, Comparison, LookupFn, ParityReport, table_parity
 from bridge.policy import IndexPolicy, as_ids
+from bridge.scan import TableRef
 from bridge.store import Store, open_store
 from bridge.table import EmbeddingTable
 
@@ -42,12 +44,12 @@ def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, L
     if not path.is_file():
         return {}
     model = load_model(path)
-    refs = {ref.initializer: ref for ref in scan(model)}
+    refs = scan(model)
     out: dict[str, LookupFn | str] = {}
     absent = 0
     for name in store:
         initializer = store.entry(name).get("initializer") or ""
-        ref = refs.get(initializer)
+        ref = _ref_of(store.entry(name), refs)
         if ref is None:
             out[name], absent = f"{path.name} has no table {initializer!r}", absent + 1
             continue
@@ -62,6 +64,18 @@ def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, L
         raise InputError(f"ONNX model {str(model_path)!r} holds none of the store's tables; pass the model the "
                          "store was made from to --onnx")
     return out
+
+
+def _ref_of(entry: Mapping[str, Any], refs: Sequence[TableRef]) -> TableRef | None:
+    """The model's table of a store entry: by graph and initializer (``metadata["onnx"]["graph"]``, as extract
+    records it), or by initializer alone where only one table of the model has that name."""
+    initializer = entry.get("initializer") or ""
+    onnx_meta = (entry.get("metadata") or {}).get("onnx")
+    graph = onnx_meta.get("graph") if isinstance(onnx_meta, dict) else None
+    named = [ref for ref in refs if ref.initializer == initializer]
+    if isinstance(graph, str):
+        return next((ref for ref in named if ref.graph == graph), None)
+    return named[0] if len(named) == 1 else None
 
 
 def store_parity(
@@ -140,6 +154,8 @@ def under_policy(fn: LookupFn, table: EmbeddingTable, policy: str) -> LookupFn:
 
     def run(ids: np.ndarray) -> np.ndarray:
         safe, zero = index_policy.apply(as_ids(ids))
+        if zero is not None and zero.all():  # nothing to look up (a table without rows): the framework is not asked
+            return np.zeros(safe.shape + (table.dim,), table.served_dtype)
         out = np.array(fn(safe))
         if zero is not None:
             out[zero] = 0

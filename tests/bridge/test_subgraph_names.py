@@ -161,3 +161,16 @@ def test_a_table_without_graph_metadata_is_matched_only_by_a_unique_name(onnx_ki
     model = _vocab_model(onnx_kit)
     bare = [EmbeddingTable(name=t.name, data=t.data, initializer=t.initializer) for t in tables_from_onnx(model, None)]
     assert all(t.vocab is None for t in attach_onnx_vocabularies(model, bare))
+
+
+def test_parity_compares_each_same_named_table_with_its_own_gather(onnx_kit, tmp_path: Path) -> None:
+    """The onnx-model reference is matched by graph and initializer (by name, both tables met one branch's W)."""
+    from bridge.extract import extract
+    from bridge.store_parity import ONNX_REFERENCE, store_parity
+
+    onnx.save(_tied_model(onnx_kit), tmp_path / "m.onnx")
+    extract(tmp_path / "m.onnx", tmp_path / "store")
+    report = store_parity(tmp_path / "store", onnx_model=tmp_path / "m.onnx")
+    assert report, report.to_text()
+    ran = {c.table for c in report.comparisons if c.backend == ONNX_REFERENCE and not c.skipped}
+    assert len(ran) == 2

@@ -307,3 +307,12 @@ def test_parity_tables_are_stripped_and_counted_once(tmp_path: Path, capsys: pyt
     once = json.loads(out)["total"]
     code, out, _ = _run(["parity", str(tmp_path / "s"), "--tables", " emb.weight, emb.weight", "--json"], capsys)
     assert code == 0 and json.loads(out)["total"] == once
+
+
+def test_parity_of_a_table_without_rows_under_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every id maps to a zero vector: the ONNX model is not asked for row 0 of a table that has none."""
+    _model_with(tmp_path / "m.onnx", np.zeros((0, 4), np.float32))
+    assert _run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s")], capsys)[0] == 0
+    code, out, err = _run(["parity", str(tmp_path / "s"), "--onnx", str(tmp_path / "m.onnx"), "--policy", "zero"],
+                          capsys)
+    assert code == 0, out + err
