@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from bridge.atomic import check_output_dir
+from bridge.external import check_external_locations
 from bridge.npyio import file_sha256
 from bridge.onnx_casts import ModelGraphs, has_cast, served_data
 from bridge.onnx_io import initializer_array, load_model
@@ -79,6 +80,7 @@ def extract(
     check_output_dir(out_dir, force, keep=[model_path])
     path = Path(model_path)
     model = load_model(path)
+    check_output_dir(out_dir, force, keep=check_external_locations(model, path.parent))  # its data files too
     tables = attach_onnx_vocabularies(model, tables_from_onnx(model, path.parent))
     info = {"source_model": str(path), "source_sha256": file_sha256(path), **(provenance or {})}
     return write_store(out_dir, tables, provenance=info, force=force)

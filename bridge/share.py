@@ -31,7 +31,13 @@ from bridge import manifest as mf
 from bridge.atomic import atomic_directory, check_output_dir
 from bridge.cut import CUT_KEY, CutModel, CutSpec, TableCut, cut_gathers, feed_cut_model
 from bridge.errors import InputError, UnsupportedError
-from bridge.external import external_tensors, move_external_tensors, point_initializer_at_file, save_model
+from bridge.external import (
+    check_external_locations,
+    external_tensors,
+    move_external_tensors,
+    point_initializer_at_file,
+    save_model,
+)
 from bridge.npyio import file_sha256
 from bridge.onnx_casts import has_cast, table_casts
 from bridge.onnx_io import external_data_info, initializer_array, load_model, safe_child_path
@@ -114,6 +120,8 @@ def share(
     """
     check_output_dir(out_dir, force, keep=model_paths)
     sources = [_read_source(p) for p in _unique_paths(model_paths)]
+    data_files = [f for s in sources for f in check_external_locations(s.model, s.path.parent)]
+    check_output_dir(out_dir, force, keep=data_files)  # replacing out_dir must not delete the inputs' data
     slots = _dedupe(sources)
     source_bytes = sum(_source_bytes(s) for s in sources)
     with atomic_directory(out_dir, force=force) as staging:
@@ -173,14 +181,19 @@ def _dedupe(sources: Sequence[_Source]) -> dict[str, _Slot]:
             digest = table_digest(array, tensor, src.path.parent)
             quant = _quantization(src, ref, array)
             key = digest if quant is None else quantization_digest(digest, quant)
+            note = _cast_note(src, ref, array)
             if key not in slots:
                 name = default_table_name(ref.initializer, taken)
                 taken.add(name)
-                meta = {"content_sha256": digest, "shared_by": [], **_cast_note(src, ref, array)}
+                meta = {"content_sha256": digest, "shared_by": [], **note}
                 table = EmbeddingTable(name=name, data=array, initializer=ref.initializer, metadata=meta,
                                        quantization=quant)
                 slots[key] = _Slot(table, table.metadata["shared_by"])
             slot = slots[key]
+            if slot.table.metadata.get("model_casts") != note.get("model_casts"):  # the readers disagree
+                slot.table.metadata["model_casts"] = {
+                    "from": array.dtype.name, "note": "some of the models cast these values after reading them and "
+                    "some do not; lookups serve them uncast"}
             slot.users.append({"model": str(src.path), "initializer": ref.initializer, "graph": ref.graph})
             src.tables[(ref.graph, ref.initializer)] = slot.table.name
     return slots

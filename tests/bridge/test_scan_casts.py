@@ -424,3 +424,18 @@ def test_a_table_with_nan_read_through_a_cast_is_refused(tmp_path: Path, src: st
     table.reshape(-1)[-1] = _nan_patterns(_dtype(src))[2]  # a signalling NaN in the tail
     with pytest.raises(UnsupportedError, match="holds NaN values and the model casts it"):
         _extract(_cast_model(table, [to]), tmp_path)
+
+
+@pytest.mark.parametrize("cast_first", [True, False])
+def test_share_notes_readers_that_disagree_on_a_cast_in_any_order(tmp_path: Path, cast_first: bool) -> None:
+    from bridge.share import share
+
+    table = _float_table(np.dtype(np.float32))
+    onnx.save(_cast_model(table, ["float16"]), tmp_path / "cast.onnx")
+    onnx.save(_model([helper.make_node("Gather", ["W", "ids"], ["out"], name="lookup")], [_init("W", table)],
+                     TensorProto.FLOAT), tmp_path / "plain.onnx")
+    order = ["cast.onnx", "plain.onnx"] if cast_first else ["plain.onnx", "cast.onnx"]
+    share([tmp_path / name for name in order], tmp_path / "shared")
+    (name,) = list(open_store(tmp_path / "shared"))
+    note = open_store(tmp_path / "shared")[name].metadata["model_casts"]["note"]
+    assert note.startswith("some of the models cast these values")

@@ -316,3 +316,19 @@ def test_parity_of_a_table_without_rows_under_zero(tmp_path: Path, capsys: pytes
     code, out, err = _run(["parity", str(tmp_path / "s"), "--onnx", str(tmp_path / "m.onnx"), "--policy", "zero"],
                           capsys)
     assert code == 0, out + err
+
+
+@pytest.mark.parametrize("command", ["extract", "share"])
+def test_output_holding_an_inputs_external_data_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """--force would delete the model's own data file: refused, and the model still loads."""
+    table = _model(tmp_path / "plain.onnx")
+    model = onnx.load(tmp_path / "plain.onnx")
+    (tmp_path / "ext").mkdir()
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="ext/w.bin", size_threshold=0)
+    monkeypatch.chdir(tmp_path)
+    line = _one_error_line(*_run([command, "m.onnx", "-o", "ext", "--force"], capsys))
+    assert "holds the input" in line and "w.bin" in line
+    assert (tmp_path / "ext" / "w.bin").is_file()
+    onnx.load(tmp_path / "m.onnx")
+    assert table.shape == (50, 8)
