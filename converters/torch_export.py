@@ -214,7 +214,9 @@ def _setting_warnings(name: str, settings: dict[str, dict[str, Any]]) -> list[st
     """A warning for each embedding of table ``name`` with ``max_norm``, and one when they disagree on
     ``padding_idx`` (then none is recorded)."""
     warns = [f"table {name!r}: {layer!r} has nn.Embedding(max_norm={s['max_norm']}), which renormalizes "
-             "looked-up rows in place on every forward; the store holds the weight as it was before export"
+             "looked-up rows in place on every forward; the store holds the weight as it was before export, and "
+             "neither the store's lookups nor the legacy exporter's model.onnx renormalize: torch's forward "
+             "differs from both wherever a looked-up row's norm exceeds max_norm"
              for layer, s in settings.items() if s["max_norm"] is not None]
     padding = conflicts(settings, "padding_idx")
     if padding:
