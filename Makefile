@@ -1,6 +1,8 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
-# Both create .venv and install everything; torch==2.13.0 (the local CPU build) goes in first,
-# so the project's torch range is already satisfied and pip never fetches a CUDA build.
+# Both create .venv and install everything; torch==2.13.0 goes in first, so the project's torch range
+# is already satisfied. On the project's machines pip's configuration serves that version as a local CPU
+# build; elsewhere, add PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu to get the CPU wheel
+# rather than PyPI's multi-GB CUDA one.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
