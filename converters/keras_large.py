@@ -172,9 +172,16 @@ def _inline_matches(
 def _real_table(
     ref: TableRef, entry: ShrunkTable, candidates: list[Candidate],
 ) -> tuple[TableRef, np.ndarray, list[Candidate]]:
-    """The reference, data and sources of a shrunk table: its real shape and values, its Embedding layers."""
+    """The reference, data and sources of a shrunk table: its real shape and values, its Embedding layers.
+
+    The values are cast to ``entry.dtype`` when tf2onnx folded a mixed-precision layer's cast into the
+    pattern (see :func:`locate_tables`): the ONNX model reads the table in that dtype. This costs one
+    copy of the table in the compute dtype; otherwise the data is the Keras variable's buffer (no copy).
+    """
     sources = [c for c in candidates if c.primary and any(c.obj is layer for layer in entry.layers)]
     data = entry.source if entry.source is not None else table_view(entry.layers[0])
+    if data.dtype != entry.dtype:
+        data = data.astype(entry.dtype)
     return replace(ref, shape=(entry.rows, entry.dim)), data, sources
 
 

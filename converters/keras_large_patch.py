@@ -10,6 +10,7 @@ Gather's index path at a new constant holding the real row count.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from bridge.external import iter_tensors
 from bridge.extract import read_tables
 from bridge.onnx_io import initializer_array, iter_graphs, node_label
 from bridge.scan import TableRef
-from converters.keras_map import same_bytes
+from converters.keras_map import Candidate, compute_cast, same_bytes
 from converters.keras_skeleton import ShrunkTable
 
 #: Ops of the negative-id wrap that may hold the row count, and ops walked through on the index path.
@@ -40,6 +41,9 @@ __all__ = ["locate_tables", "patch_gathers", "patch_row_count"]
 def locate_tables(model: onnx.ModelProto, plan: list[ShrunkTable]) -> dict[int, tuple[TableRef, ShrunkTable]]:
     """``{position in read_tables order: (ref, entry)}`` for each pattern found in the skeleton's ONNX model.
 
+    A mixed-precision layer may read its whole table cast to its compute dtype (a model loaded from a
+    file), and tf2onnx folds that cast into the constant: the pattern is then found cast the same way,
+    and the returned entry holds that dtype and pattern (the store keeps the real table cast to it).
     Refuses a pattern that tf2onnx used other than through Gathers, or whose rows appear in any
     other constant (e.g. a lookup with constant ids folded by tf2onnx).
     """
@@ -47,6 +51,10 @@ def locate_tables(model: onnx.ModelProto, plan: list[ShrunkTable]) -> dict[int, 
     refs = read_tables(model, None)
     for entry in plan:
         hits = [i for i, (_, data) in enumerate(refs) if same_bytes(np.asarray(data), entry.pattern)]
+        folded = _folded_cast(entry)
+        if not hits and folded is not None:
+            entry = folded
+            hits = [i for i, (_, data) in enumerate(refs) if same_bytes(np.asarray(data), entry.pattern)]
         if len(hits) > 1:
             raise ConversionError(f"tf2onnx wrote the table of {entry.paths[0]!r} {len(hits)} times; "
                                   "convert with large=False")
@@ -63,6 +71,16 @@ def locate_tables(model: onnx.ModelProto, plan: list[ShrunkTable]) -> dict[int, 
         _check_no_copies(model, ref, entry)
         found[hits[0]] = (ref, entry)
     return found
+
+
+def _folded_cast(entry: ShrunkTable) -> ShrunkTable | None:
+    """``entry`` with its pattern cast to its layers' compute dtype (as tf2onnx folds it), or None if no cast."""
+    layer = entry.layers[0]
+    cand = Candidate(entry.paths[0], "embeddings", (entry.skeleton_rows, entry.dim), lambda: entry.pattern, obj=layer)
+    cast = compute_cast(cand, entry.pattern)
+    if cast is None:
+        return None
+    return replace(entry, dtype=cast.dtype, pattern=cast)
 
 
 def _check_no_copies(model: onnx.ModelProto, ref: TableRef, entry: ShrunkTable) -> None:
