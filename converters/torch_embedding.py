@@ -7,6 +7,7 @@ imported inside the functions only.
 
 from __future__ import annotations
 
+import mmap
 import warnings
 from typing import Any
 
@@ -39,20 +40,24 @@ def import_torch() -> Any:
 def tensor_from_array(data: np.ndarray, *, copy: bool) -> Any:
     """A torch tensor with the bits of ``data`` (a float32/float16/float64/bfloat16 array).
 
-    ``copy=False`` shares memory with ``data`` (also a read-only memory map: torch's warning about
-    a non-writable array is silenced for that one call; writing to such a tensor is an error).
+    ``copy=False`` shares memory with ``data``. torch has no read-only tensors, and a write through one
+    made from a read-only memory map would crash the process (a write to a read-only page); such a map
+    is therefore opened again copy-on-write (:func:`private_mapping`): the same pages, shared until
+    written, and a write changes this process's pages only, never the file. Other read-only arrays
+    cannot be shared safely and are an :class:`InputError` with ``copy=False``.
     """
     torch = import_torch()
     name = np.dtype(data.dtype).name
     if name not in _CARRIERS:
         raise UnsupportedError(
             f"a table of dtype {name} cannot become a torch embedding weight; supported: {', '.join(_CARRIERS)}"
-            " (dequantize a quantized table first)"
         )
     if data.dtype.byteorder == ">":
         if not copy:
             raise InputError("a big-endian table cannot be shared with torch; pass copy=True")
         data = data.astype(data.dtype.newbyteorder("="))
+    if not copy and not data.flags.writeable:
+        data = private_mapping(data)
     bits = data.view(_CARRIERS[name])
     if copy:
         tensor = torch.from_numpy(np.array(bits, copy=True, order="C"))
@@ -70,6 +75,23 @@ def array_from_tensor(tensor: Any) -> np.ndarray:
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
+
+
+def private_mapping(data: np.ndarray) -> np.ndarray:
+    """A copy-on-write mapping of the file bytes under the read-only, C-contiguous memory map ``data``.
+
+    The file position is found from the addresses (``data`` may be a view of a larger map, at an offset).
+    :class:`InputError` when ``data`` is not backed by a file mapping.
+    """
+    mm = getattr(data, "_mmap", None)
+    filename = getattr(data, "filename", None)
+    if mm is None or filename is None or not data.flags.c_contiguous:
+        raise InputError("this table is read-only and not a file mapping, so torch cannot share it safely (torch "
+                         "has no read-only tensors); pass copy=True, or leave copy=None")
+    offset = int(getattr(data, "offset", 0))
+    map_start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    position = map_start + (data.ctypes.data - np.frombuffer(mm, np.uint8).ctypes.data)
+    return np.memmap(filename, dtype=data.dtype, mode="c", offset=position, shape=data.shape)
 
 
 def _share(table: EmbeddingTable, trainable: bool, copy: bool | None) -> bool:
@@ -90,6 +112,12 @@ def _share(table: EmbeddingTable, trainable: bool, copy: bool | None) -> bool:
 
 
 def _weight(table: EmbeddingTable, trainable: bool, copy: bool | None) -> Any:
+    if not isinstance(table, EmbeddingTable):
+        raise InputError(f"expected an EmbeddingTable, got {type(table).__name__}; wrap an array as "
+                         "EmbeddingTable(name, array)")
+    if table.quantization is not None:
+        raise UnsupportedError(f"table {table.name!r} is quantized; make its float table first with "
+                               "bridge.quantization.dense(table) and wrap that as an EmbeddingTable")
     return tensor_from_array(table.data, copy=not _share(table, trainable, copy))
 
 
@@ -99,9 +127,10 @@ def to_torch_embedding(table: EmbeddingTable, *, trainable: bool = False, copy: 
     Memory: with ``copy=None`` (default) the weight shares memory with ``table.data``
     (``torch.from_numpy``, zero-copy) when the module is frozen and the data is writable;
     a trainable module, or a read-only table such as a store's memory map, gets a copy.
-    ``copy=False`` always shares: for a read-only table this is a read-only view (any in-place
-    write to the weight fails), which is what serving from a store wants; with ``trainable=True``
-    it is allowed only on writable data, and training then updates ``table.data`` in place.
+    ``copy=False`` always shares: a read-only table (a store's memory map) is mapped again
+    copy-on-write, so the weight uses the file's pages until something writes to it, and a write
+    changes this process's copy only, never the store; with ``trainable=True`` it is allowed only on
+    writable data, and training then updates ``table.data`` in place.
     ``copy=True`` always copies.
 
     ``padding_idx`` is set only when ``table.padding_id`` is set: a Keras ``mask_zero`` table

@@ -20,7 +20,7 @@ nn = torch.nn
 
 from test_torch import EXPORTERS, _bits, _run_ort, _seeded  # noqa: E402 - the helpers of test_torch.py
 
-from bridge.errors import InputError, ParityError  # noqa: E402
+from bridge.errors import InputError, ParityError, UnsupportedError  # noqa: E402
 from bridge.onnx_reference import onnx_gather_reference  # noqa: E402
 from bridge.scan import scan  # noqa: E402
 from bridge.store_parity import store_parity  # noqa: E402
@@ -265,3 +265,44 @@ def test_nested_example_inputs_and_buffers(tmp_path: Path, dynamo: bool) -> None
     ids = torch.tensor([[1, 2, 3]])
     extract_torch(module, (ids, {"extra": torch.ones(1, 3, 4)}), tmp_path / "out", dynamo=dynamo)
     assert (module.calls - before).item() == (0 if dynamo else 1)  # the legacy exporter's own trace runs forward
+
+
+# ----------------------------------------------------------------------------- to_torch_embedding over a store
+
+
+def test_a_shared_weight_over_a_store_is_copy_on_write(tmp_path: Path) -> None:
+    """torch has no read-only tensors: a write through a weight over the read-only map crashed the process.
+    The map is opened again copy-on-write: the same bits, the write stays in this process, the store verifies."""
+    import ml_dtypes
+
+    from bridge import EmbeddingTable, open_store, write_store
+    from converters.torch_embedding import to_torch_embedding
+
+    tables = [EmbeddingTable("a", np.arange(48, dtype=np.float32).reshape(12, 4)),
+              EmbeddingTable("b", np.arange(40, dtype=np.float32).reshape(10, 4).astype(ml_dtypes.bfloat16))]
+    write_store(tmp_path / "s", tables)
+    store = open_store(tmp_path / "s")
+    for name, bits in (("a", torch.int32), ("b", torch.int16)):
+        table = store[name]
+        emb = to_torch_embedding(table, copy=False)
+        assert emb.weight.detach().view(bits).numpy().tobytes() == np.asarray(table.data).tobytes()
+        with torch.no_grad():
+            emb.weight[0].fill_(7)
+        assert emb.weight[0, 0].item() == 7 and np.asarray(table.data[0, 0]).astype(np.float32) == 0
+    open_store(tmp_path / "s")  # verifies every sha256: the files are untouched
+
+
+def test_to_torch_embedding_refuses_what_it_cannot_share_or_serve() -> None:
+    from bridge import EmbeddingTable
+    from bridge.quantization import Quantization
+    from converters.torch_embedding import to_torch_embedding
+
+    with pytest.raises(InputError, match="expected an EmbeddingTable, got ndarray"):
+        to_torch_embedding(np.ones((3, 2), np.float32))  # type: ignore[arg-type]
+    read_only = np.ones((3, 2), np.float32)
+    read_only.setflags(write=False)
+    with pytest.raises(InputError, match="read-only and not a file mapping"):
+        to_torch_embedding(EmbeddingTable("t", read_only), copy=False)
+    quantized = EmbeddingTable("q", np.ones((3, 2), np.int8), quantization=Quantization("row_div", np.ones(3, "f4")))
+    with pytest.raises(UnsupportedError, match=r"bridge.quantization.dense\(table\)"):
+        to_torch_embedding(quantized)
