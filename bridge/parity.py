@@ -375,7 +375,7 @@ class ParityReport:
         self.comparisons.extend(comparisons)
 
     def to_json(self) -> dict[str, Any]:
-        """``{"passed", "total", "failed", "comparisons": [...]}``, JSON-safe."""
+        """``{"passed", "total", "failed", "skipped", "comparisons": [...]}``, JSON-safe."""
         return {
             "passed": self.passed,
             "total": len(self.comparisons),

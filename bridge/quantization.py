@@ -116,7 +116,8 @@ class Quantization:
         return self.scheme in ("row_div", "group_affine") or self.axis == 0
 
     def check(self, rows: int, dim: int, q_dtype: np.dtype[Any], table: str = "table") -> None:
-        """Raise :class:`InputError` unless the parameters fit an integer table of ``rows`` x ``dim``."""
+        """Raise :class:`InputError` unless the parameters fit an integer table of ``rows`` x ``dim``
+        (:class:`UnsupportedError` for a table dtype no scheme serves)."""
         q_dtype = np.dtype(q_dtype)
         if q_dtype.kind not in "iu" or q_dtype.itemsize > 2 or (self.out_dtype == "float16" and q_dtype.itemsize > 1):
             raise UnsupportedError(

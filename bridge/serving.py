@@ -10,7 +10,8 @@ Nothing is served from a store that does not check out: before a session is crea
 file, every table it reads (as external data or through a cut lookup) and every external data
 file are checked against the manifest's sha256 (:class:`~bridge.errors.ChecksumError`), and every
 external reference must point at a manifest table with its exact offset, length, shape and dtype
-(:class:`~bridge.errors.StoreError`). A missing store, table file or manifest is a StoreError.
+(:class:`~bridge.errors.StoreError`). A missing table file or manifest is a StoreError;
+a store path that does not exist is an InputError.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import onnx
 
 from bridge import dtypes
+from bridge.backends.base import MAX_THREADS, Lookup
 from bridge.cut import CUT_KEY, CutModel, CutSpec, cut_specs, make_lookup, ort_input
 from bridge.errors import InputError, StoreError, TableNotFoundError
 from bridge.external import external_tensors, onnx_elem_type
@@ -199,6 +201,8 @@ class SharedSessions:
         self.store = open_store(store_dir, verify=False)
         self.verify = verify
         self.providers = list(providers or ["CPUExecutionProvider"])
+        if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+            raise InputError(f"threads must be an integer from 1 to {MAX_THREADS}, got {threads!r}")
         self.threads = threads
         self.in_process_sharing = in_process_sharing
         self.backend = backend
@@ -231,7 +235,7 @@ class SharedSessions:
             results[str(p)] = model.session.run(None, model.feeds(feeds, vectors))
         return results
 
-    def lookup(self, table: str, policy: str = "error") -> Any:
+    def lookup(self, table: str, policy: str = "error") -> Lookup:
         """A shared ``bridge.backends`` lookup over a store table (checked once)."""
         table_entry(self.store, table)
         if self.verify:  # the data, the scale and zero point, the vocabulary: all a lookup serves from

@@ -242,7 +242,8 @@ class Store(Mapping[str, EmbeddingTable]):
         return files
 
     def verify(self) -> None:
-        """Check every file listed in the manifest against its sha256; raise :class:`ChecksumError`."""
+        """Check every file listed in the manifest against its sha256: :class:`ChecksumError` for one that
+        differs, :class:`StoreError` for one that is missing."""
         checked: set[Path] = set()
         for name in self._entries:
             for path, sha256, what in self.table_files(name):

@@ -84,7 +84,7 @@ def store_parity(
     backends: Sequence[str] = DEFAULT_BACKENDS,
     policy: str = "error",
     tables: Sequence[str] | None = None,
-    onnx_model: Path | None = None,
+    onnx_model: str | os.PathLike[str] | None = None,
     extra_references: ReferenceFactory | Mapping[str, Mapping[str, LookupFn]] | None = None,
     verify: bool = True,
     seed: int = 0,
@@ -99,7 +99,7 @@ def store_parity(
     _check_backends(backends)
     opened = store if isinstance(store, Store) else open_store(store, verify=verify)
     names = _table_names(opened, tables)
-    onnx_refs = onnx_references(opened, onnx_model)
+    onnx_refs = onnx_references(opened, Path(onnx_model) if onnx_model is not None else None)
     extras = extra_references(opened) if callable(extra_references) else (extra_references or {})
     report = ParityReport()
     for name in names:

@@ -72,6 +72,8 @@ class Vocabulary:
     def __post_init__(self) -> None:
         n = len(self.tokens)
         for label, idx in [("oov_id", self.oov_id), *self.reserved.items()]:
+            if idx is not None and (isinstance(idx, bool) or not isinstance(idx, (int, np.integer))):
+                raise InputError(f"vocabulary {label} must be an integer id, got {idx!r}")
             if idx is not None and not 0 <= idx < n:
                 raise InputError(f"vocabulary {label}={idx} is outside [0, {n})")
 

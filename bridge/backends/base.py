@@ -217,7 +217,7 @@ class Lookup(ABC):
                 f"table {self.table.name!r} has no vocabulary, so tokens cannot be looked up; "
                 "look up ids with lookup(ids) or attach a Vocabulary to the table"
             )
-        if vocab.oov_id is None and self.policy in ("zero", "oov"):
+        if vocab.oov_id is None and vocab.oov_buckets <= 1 and self.policy in ("zero", "oov"):
             ids = vocab.ids(tokens, missing=-1)  # -1 is out of range: the policy maps it
         else:
             ids = vocab.ids(tokens)

@@ -298,3 +298,11 @@ def test_lookup_checks_every_file_it_serves_from(tmp_path: Path, tampered: str) 
     path.write_bytes(bytes(data))
     with pytest.raises(ChecksumError, match="scale of table 'Q'" if tampered == "scale" else "vocabulary 'T'"):
         sessions.lookup("Q" if tampered == "scale" else "T")
+
+
+def test_shared_sessions_threads_are_checked(shared: tuple[Path, list[Path], list[str]]) -> None:
+    from bridge.errors import InputError
+
+    store, _, _ = shared
+    with pytest.raises(InputError, match="threads must be an integer from 1 to 1024, got 0"):
+        SharedSessions(store, threads=0)

@@ -101,3 +101,25 @@ def test_keras_string_lookup_vocabulary_matches_keras_for_known_tokens() -> None
         with pytest.raises(VocabularyError, match="2 OOV buckets"):
             vocab.ids([unknown])
     assert "FarmHash64" in found.metadata["oov_hashing"] and "VocabularyError" in found.metadata["oov_hashing"]
+
+
+def test_buckets_without_an_oov_id_still_refuse_unknown_tokens_under_zero() -> None:
+    """policy='zero' hands unknown tokens to the policy only where the vocabulary has no hashed buckets."""
+    import bridge
+    from bridge import EmbeddingTable, Vocabulary
+    from bridge.errors import VocabularyError
+
+    vocab = Vocabulary(["", "[UNK]", "[UNK]", "cat"], reserved={"oov": 1, "oov_1": 2})
+    table = EmbeddingTable("t", np.ones((4, 2), np.float32), vocab=vocab)
+    lookup = bridge.lookup(table, "numpy", "zero")
+    assert lookup.tokens(["cat"]).shape == (1, 2)
+    with pytest.raises(VocabularyError, match="dog"):
+        lookup.tokens(["dog"])
+
+
+def test_vocabulary_ids_must_be_integers() -> None:
+    from bridge import Vocabulary
+    from bridge.errors import InputError
+
+    with pytest.raises(InputError, match="oov_id must be an integer id, got True"):
+        Vocabulary(["a", "b"], oov_id=True)
