@@ -185,8 +185,8 @@ def keras_layer_semantics(layer: Any, *, weight_dtype: str, source: str | None =
         diffs.append(quantized(str(mode), weight_dtype))
     policy = getattr(layer, "dtype_policy", None)
     compute, variable = getattr(policy, "compute_dtype", None), getattr(policy, "variable_dtype", None)
-    if policy is not None and compute != variable:
-        diffs.append(dtype_policy(str(policy.name), str(variable), str(compute)))
+    if policy is not None and compute != variable and weight_dtype == str(variable):  # the torch weight is
+        diffs.append(dtype_policy(str(policy.name), str(variable), str(compute)))  # the table, uncast
     if getattr(layer, "lora_enabled", False):
         diffs.append(lora(int(getattr(layer, "lora_rank", 0) or 0)))
     if getattr(layer, "embeddings_constraint", None) is not None:

@@ -377,6 +377,16 @@ def test_keras_quantized_layer_is_dequantized(keras, mode: str) -> None:
     assert _bits(emb(torch.from_numpy(ids))) == _bits(_keras_out(layer, ids))
 
 
+def test_keras_quantized_mixed_precision_layer_reports_no_cast(keras) -> None:
+    """Its dequantized weight is already in the compute dtype: no 'cast the output' advice (it said float32)."""
+    layer = _layer(keras, dtype="mixed_float16")
+    layer.quantize("int8")
+    emb, report = keras_to_torch(layer)
+    assert emb.weight.dtype == torch.float16 and "dtype_policy" not in report.codes
+    ids = np.arange(V)
+    assert _bits(emb(torch.from_numpy(ids))) == _bits(_keras_out(layer, ids))
+
+
 def test_keras_mixed_precision(keras) -> None:
     layer = _layer(keras, dtype="mixed_float16")
     emb, report = keras_to_torch(layer)
