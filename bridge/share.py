@@ -191,9 +191,8 @@ def _dedupe(sources: Sequence[_Source]) -> dict[str, _Slot]:
                 slots[key] = _Slot(table, table.metadata["shared_by"])
             slot = slots[key]
             if slot.table.metadata.get("model_casts") != note.get("model_casts"):  # the readers disagree
-                slot.table.metadata["model_casts"] = {
-                    "from": array.dtype.name, "note": "some of the models cast these values after reading them and "
-                    "some do not; lookups serve them uncast"}
+                slot.table.metadata["model_casts"] = _disagreeing(array, slot.table.metadata.get("model_casts"),
+                                                                  note.get("model_casts"))
             slot.users.append({"model": str(src.path), "initializer": ref.initializer, "graph": ref.graph})
             src.tables[(ref.graph, ref.initializer)] = slot.table.name
     return slots
@@ -213,6 +212,20 @@ def _cast_note(src: _Source, ref: TableRef, array: np.ndarray) -> dict[str, Any]
         return {"model_casts": {"from": array.dtype.name, "note": str(exc)}}
     return {"model_casts": {"from": array.dtype.name, "chain": chain,
                             "note": "the models cast these values after reading them; lookups serve them uncast"}}
+
+
+def _disagreeing(array: np.ndarray, old: dict[str, Any] | None, new: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``model_casts`` note of a table its models read through different casts (or some through none)."""
+    seen: set[str] = set()
+    for cast in (old, new):
+        if cast is None:
+            seen.add("no cast")
+        elif "readers" in cast:
+            seen.update(cast["readers"].split("; "))
+        else:
+            seen.add(" -> ".join([array.dtype.name, *cast.get("chain", ["?"])]))
+    return {"from": array.dtype.name, "readers": "; ".join(sorted(seen)),
+            "note": "the models read these values through different casts (see readers); lookups serve them uncast"}
 
 
 def _quantization(src: _Source, ref: TableRef, array: np.ndarray) -> Quantization | None:

@@ -109,8 +109,12 @@ def export_onnx(
         names: list[str] | None = named
         axes = dynamic_axes_for(dynamic_axes, named, output_names, dynamo)
     else:  # nested inputs (a tuple, keyword args in a trailing dict): the exporter flattens and names them
+        if dynamic_axes:
+            raise InputError("dynamic_axes needs one tensor per example input; with nested example inputs (a "
+                             "tuple, or keyword arguments in a trailing dict) pass each tensor as its own "
+                             "positional input, or export without dynamic_axes")
         names = list(input_names) if input_names is not None else None
-        axes = dict(dynamic_axes) if dynamic_axes else None
+        axes = None
     options: dict[str, Any] = {"dynamo": dynamo, "input_names": names,
                                "output_names": list(output_names) if output_names else None,
                                "opset_version": opset, "dynamic_axes": axes}

@@ -437,5 +437,18 @@ def test_share_notes_readers_that_disagree_on_a_cast_in_any_order(tmp_path: Path
     order = ["cast.onnx", "plain.onnx"] if cast_first else ["plain.onnx", "cast.onnx"]
     share([tmp_path / name for name in order], tmp_path / "shared")
     (name,) = list(open_store(tmp_path / "shared"))
-    note = open_store(tmp_path / "shared")[name].metadata["model_casts"]["note"]
-    assert note.startswith("some of the models cast these values")
+    casts = open_store(tmp_path / "shared")[name].metadata["model_casts"]
+    assert casts["note"].startswith("the models read these values through different casts")
+    assert casts["readers"] == "float32 -> float16; no cast"
+
+
+def test_share_lists_every_cast_its_readers_use(tmp_path: Path) -> None:
+    from bridge.share import share
+
+    table = _float_table(np.dtype(np.float32))
+    onnx.save(_cast_model(table, ["float16"]), tmp_path / "h.onnx")
+    onnx.save(_cast_model(table, ["bfloat16"]), tmp_path / "b.onnx")
+    share([tmp_path / "h.onnx", tmp_path / "b.onnx"], tmp_path / "shared")
+    (name,) = list(open_store(tmp_path / "shared"))
+    readers = open_store(tmp_path / "shared")[name].metadata["model_casts"]["readers"]
+    assert readers == "float32 -> bfloat16; float32 -> float16"

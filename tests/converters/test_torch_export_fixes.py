@@ -306,3 +306,23 @@ def test_to_torch_embedding_refuses_what_it_cannot_share_or_serve() -> None:
     quantized = EmbeddingTable("q", np.ones((3, 2), np.int8), quantization=Quantization("row_div", np.ones(3, "f4")))
     with pytest.raises(UnsupportedError, match=r"bridge.quantization.dense\(table\)"):
         to_torch_embedding(quantized)
+
+
+@pytest.mark.parametrize("dynamo", EXPORTERS)
+def test_dynamic_axes_with_nested_inputs_is_an_input_error(tmp_path: Path, dynamo: bool) -> None:
+    """The exporters ignore them (legacy) or fail obscurely (dynamo) there: refused, saying what to do."""
+    ids = torch.tensor([[1, 2, 3]])
+    with pytest.raises(InputError, match="dynamic_axes needs one tensor per example input"):
+        extract_torch(_seeded(_Counting), (ids, {"extra": torch.ones(1, 3, 4)}), tmp_path / "out", dynamo=dynamo,
+                      dynamic_axes={"ids": {0: "b"}})
+
+
+def test_a_table_whose_store_was_replaced_is_not_served_from_the_new_file(tmp_path: Path) -> None:
+    from bridge import EmbeddingTable, open_store, write_store
+    from converters.torch_embedding import to_torch_embedding
+
+    write_store(tmp_path / "s", [EmbeddingTable("t", np.ones((4, 2), np.float32))])
+    table = open_store(tmp_path / "s")["t"]
+    write_store(tmp_path / "s", [EmbeddingTable("t", np.full((4, 2), 7, np.float32))], force=True)
+    with pytest.raises(InputError, match="changed since this table was opened"):
+        to_torch_embedding(table, copy=False)
