@@ -43,12 +43,16 @@ def digest(arr: np.ndarray) -> bytes:
     return h.digest()
 
 
-def same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
-    """True when ``a`` and ``b`` have the same dtype, shape and bytes (NaN payloads and -0.0 included)."""
+def same_bytes(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """True when ``a`` and ``b`` have the same dtype, shape and bytes (NaN payloads and -0.0 included).
+
+    Compared ``chunk`` bytes at a time, so a table of gigabytes needs no temporary of its size.
+    """
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return bool(np.array_equal(np.ascontiguousarray(a).reshape(-1).view(np.uint8),
-                               np.ascontiguousarray(b).reshape(-1).view(np.uint8)))
+    x = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    y = np.ascontiguousarray(b).reshape(-1).view(np.uint8)
+    return all(np.array_equal(x[i:i + chunk], y[i:i + chunk]) for i in range(0, x.size, chunk))
 
 
 def match_tables(tables: Sequence[np.ndarray], candidates: Sequence[Candidate]) -> list[list[Candidate]]:

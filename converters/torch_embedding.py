@@ -16,6 +16,7 @@ import numpy as np
 
 from bridge.errors import InputError, UnsupportedError
 from bridge.table import EmbeddingTable
+from converters.keras_map import same_bytes
 
 #: table dtypes an nn.Embedding can hold, and the NumPy dtype torch reads their bits as
 _CARRIERS: dict[str, np.dtype[Any]] = {
@@ -95,15 +96,9 @@ def private_mapping(data: np.ndarray) -> np.ndarray:
         private = np.memmap(filename, dtype=data.dtype, mode="c", offset=position, shape=data.shape)
     except (OSError, ValueError) as exc:
         raise InputError(f"{filename!r} changed since this table was opened; open the store again") from exc
-    if not _same_bytes(private, data):  # the file was replaced (a store written again with --force)
+    if not same_bytes(private, data):  # the file was replaced (a store written again with --force)
         raise InputError(f"{filename!r} changed since this table was opened; open the store again")
     return private
-
-
-def _same_bytes(a: np.ndarray, b: np.ndarray, chunk: int = 1 << 24) -> bool:
-    """Whether two C-contiguous arrays hold the same bytes, compared 16 MiB at a time."""
-    x, y = a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)
-    return x.size == y.size and all(np.array_equal(x[i:i + chunk], y[i:i + chunk]) for i in range(0, x.size, chunk))
 
 
 def _share(table: EmbeddingTable, trainable: bool, copy: bool | None) -> bool:
