@@ -25,7 +25,7 @@ from typing import Any
 import onnx
 
 from bridge.onnx_io import iter_graphs, node_label
-from bridge.scan import TableKey, TableRef, scan
+from bridge.scan import TableKey, TableRef, scan, stored_ref
 from bridge.table import EmbeddingTable
 from bridge.vocab import Vocabulary
 
@@ -174,34 +174,15 @@ def onnx_vocabularies(model: onnx.ModelProto, refs: Sequence[TableRef] | None = 
     return {key: vocab for key, vocab in found.items() if vocab is not None}
 
 
-def _graphs_by_name(refs: Sequence[TableRef]) -> dict[str, list[str]]:
-    """initializer -> the graphs holding a table of that name."""
-    graphs_of: dict[str, list[str]] = {}
-    for graph, name in sorted({ref.key for ref in refs}):
-        graphs_of.setdefault(name, []).append(graph)
-    return graphs_of
-
-
-def _key_of(table: EmbeddingTable, graphs_of: dict[str, list[str]]) -> TableKey | None:
-    """``table``'s key: its ``metadata["onnx"]["graph"]`` (set by :func:`bridge.extract.tables_from_onnx`)
-    and initializer; without a graph, the one graph that has a table of that name, if only one does."""
-    onnx_meta = table.metadata.get("onnx")
-    graph = onnx_meta.get("graph") if isinstance(onnx_meta, dict) else None
-    if isinstance(graph, str):
-        return (graph, table.initializer or "")
-    candidates = graphs_of.get(table.initializer or "", [])
-    return (candidates[0], table.initializer or "") if len(candidates) == 1 else None
-
-
 def attach_onnx_vocabularies(model: onnx.ModelProto, tables: Sequence[EmbeddingTable]) -> list[EmbeddingTable]:
     """``tables`` with the CategoryMapper vocabulary set on each table that has none (matched by
-    graph and initializer, see :func:`_key_of`)."""
+    graph and initializer, see :func:`bridge.scan.stored_ref`)."""
     refs = scan(model)
-    vocabs, graphs_of = onnx_vocabularies(model, refs), _graphs_by_name(refs)
+    vocabs = onnx_vocabularies(model, refs)
     out = []
     for table in tables:
-        key = _key_of(table, graphs_of)
-        found = vocabs.get(key) if key is not None else None
+        ref = stored_ref(table.initializer, table.metadata, refs)
+        found = vocabs.get(ref.key) if ref is not None else None
         if found is None or table.vocab is not None:
             out.append(table)
             continue

@@ -17,6 +17,7 @@ import itertools
 import os
 import re
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -198,6 +199,19 @@ _NOISE = frozenset({
     "PartitionedCall", "Identity", "Cast", "resource", "embeddings",
 })
 _RESERVED = frozenset({"con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))})
+
+
+def stored_ref(initializer: str | None, metadata: Mapping[str, Any] | None,
+               refs: Sequence[TableRef]) -> TableRef | None:
+    """The table of ``refs`` a stored table came from: by graph and initializer where its ``metadata``
+    records the graph (``metadata["onnx"]["graph"]``, as extract writes it), else by initializer where
+    only one table of ``refs`` has that name; None when neither finds one."""
+    onnx_meta = (metadata or {}).get("onnx")
+    graph = onnx_meta.get("graph") if isinstance(onnx_meta, Mapping) else None
+    named = [ref for ref in refs if ref.initializer == (initializer or "")]
+    if isinstance(graph, str):
+        return next((ref for ref in named if ref.graph == graph), None)
+    return named[0] if len(named) == 1 else None
 
 
 def default_table_name(initializer: str, taken: set[str]) -> str:

@@ -237,8 +237,7 @@ class SharedSessions:
 
     def lookup(self, table: str, policy: str = "error") -> Lookup:
         """A shared ``bridge.backends`` lookup over a store table (checked once)."""
-        table_entry(self.store, table)
-        if self.verify:  # the data, the scale and zero point, the vocabulary: all a lookup serves from
+        if self.verify:  # the data, scale, zero point and vocabulary (TableNotFoundError for an unknown table)
             for path, sha256, what in self.store.table_files(table):
                 self._verified.check(path, sha256, what)
         if (table, policy) not in self._lookups:

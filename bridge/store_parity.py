@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -14,7 +13,6 @@ from bridge.backends import BACKENDS
 from bridge.errors import InputError, ParityError, UnsupportedError
 from bridge.parity import DEFAULT_BACKENDS, Comparison, LookupFn, ParityReport, table_parity
 from bridge.policy import IndexPolicy, as_ids
-from bridge.scan import TableRef
 from bridge.store import Store, open_store
 from bridge.table import EmbeddingTable
 
@@ -35,7 +33,7 @@ def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, L
     """
     from bridge.onnx_io import load_model
     from bridge.onnx_reference import onnx_gather_reference, onnx_slice_reference
-    from bridge.scan import scan
+    from bridge.scan import scan, stored_ref
 
     path = model_path or (store.path / "model.onnx")
     if model_path is not None and not path.is_file():
@@ -48,8 +46,9 @@ def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, L
     out: dict[str, LookupFn | str] = {}
     absent = 0
     for name in store:
-        initializer = store.entry(name).get("initializer") or ""
-        ref = _ref_of(store.entry(name), refs)
+        entry = store.entry(name)
+        initializer = entry.get("initializer") or ""
+        ref = stored_ref(initializer, entry.get("metadata"), refs)
         if ref is None:
             out[name], absent = f"{path.name} has no table {initializer!r}", absent + 1
             continue
@@ -64,18 +63,6 @@ def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, L
         raise InputError(f"ONNX model {str(model_path)!r} holds none of the store's tables; pass the model the "
                          "store was made from to --onnx")
     return out
-
-
-def _ref_of(entry: Mapping[str, Any], refs: Sequence[TableRef]) -> TableRef | None:
-    """The model's table of a store entry: by graph and initializer (``metadata["onnx"]["graph"]``, as extract
-    records it), or by initializer alone where only one table of the model has that name."""
-    initializer = entry.get("initializer") or ""
-    onnx_meta = (entry.get("metadata") or {}).get("onnx")
-    graph = onnx_meta.get("graph") if isinstance(onnx_meta, dict) else None
-    named = [ref for ref in refs if ref.initializer == initializer]
-    if isinstance(graph, str):
-        return next((ref for ref in named if ref.graph == graph), None)
-    return named[0] if len(named) == 1 else None
 
 
 def store_parity(
