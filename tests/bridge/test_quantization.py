@@ -44,24 +44,24 @@ def _init(name: str, array: Any) -> TensorProto:
 
 
 def _model(nodes: list[onnx.NodeProto], inits: list[TensorProto], *, opset: int = 17,
-           ids_shape: tuple[str, ...] = ("n",)) -> onnx.ModelProto:
+           ids_shape: tuple[str, ...] = ("n",), out_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes, "quantized", [helper.make_tensor_value_info("ids", TensorProto.INT64, list(ids_shape))],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [*ids_shape, D])], initializer=inits,
+        [helper.make_tensor_value_info("out", out_type, [*ids_shape, D])], initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
     onnx.checker.check_model(model)
     return model
 
 
-def _dql(q: np.ndarray, scale: np.ndarray, zero: np.ndarray | None = None, opset: int = 17,
+def _dql(q: Any, scale: Any, zero: Any = None, opset: int = 17, out_type: int = TensorProto.FLOAT,
          **attrs: int) -> onnx.ModelProto:
-    """``Gather(DequantizeLinear(Q, scale[, zero]), ids)``."""
+    """``Gather(DequantizeLinear(Q, scale[, zero]), ids)`` (``out_type``: the output's ONNX element type)."""
     inputs = ["Q", "S"] + (["Z"] if zero is not None else [])
     inits = [_init("Q", q), _init("S", scale)] + ([_init("Z", zero)] if zero is not None else [])
     nodes = [helper.make_node("DequantizeLinear", inputs, ["W"], name="dq", **attrs),
              helper.make_node("Gather", ["W", "ids"], ["out"], name="lookup")]
-    return _model(nodes, inits, opset=opset)
+    return _model(nodes, inits, opset=opset, out_type=out_type)
 
 
 def _mul(scale: np.ndarray, scale_first: bool = False) -> onnx.ModelProto:

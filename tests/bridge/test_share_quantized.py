@@ -15,7 +15,25 @@ from typing import Any
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
+from test_quantization import (  # the model builders of test_quantization.py
+    BACKENDS,
+    BLOCK,
+    Q8,
+    QU8,
+    RNG,
+    D,
+    G,
+    V,
+    _dql,
+    _init,
+    _keras_int4,
+    _keras_int8,
+    _model,
+    _mul,
+    _scale,
+)
+from test_share import _save
 
 from bridge.backends import lookup
 from bridge.cli import main
@@ -25,75 +43,6 @@ from bridge.quantization import dense
 from bridge.share import share
 from bridge.store import open_store
 from bridge.store_parity import store_parity
-
-V, D, BLOCK = 29, 10, 4
-G = -(-D // BLOCK)
-BACKENDS = ("numpy", "torch", "onnxruntime")
-RNG = np.random.default_rng(5)
-Q8 = RNG.integers(-128, 128, (V, D)).astype(np.int8)
-QU8 = RNG.integers(0, 256, (V, D)).astype(np.uint8)
-
-
-def _scale(*shape: int) -> np.ndarray:
-    return (RNG.random(shape) * 0.2 + 1e-3).astype(np.float32)
-
-
-def _init(name: str, array: Any) -> TensorProto:
-    return numpy_helper.from_array(np.asarray(array), name)
-
-
-def _model(nodes: list[onnx.NodeProto], inits: list[TensorProto], *, opset: int = 17,
-           out_type: int = TensorProto.FLOAT) -> onnx.ModelProto:
-    graph = helper.make_graph(nodes, "quantized", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
-                              [helper.make_tensor_value_info("out", out_type, ["n", D])], initializer=inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=10)
-    onnx.checker.check_model(model)
-    return model
-
-
-def _dql(q: Any, scale: Any, zero: Any = None, *, opset: int = 17, out_type: int = TensorProto.FLOAT,
-         **attrs: Any) -> onnx.ModelProto:
-    """``Gather(DequantizeLinear(Q, S[, Z]), ids)``."""
-    inputs = ["Q", "S"] + (["Z"] if zero is not None else [])
-    inits = [_init("Q", q), _init("S", scale)] + ([_init("Z", zero)] if zero is not None else [])
-    nodes = [helper.make_node("DequantizeLinear", inputs, ["W"], name="dq", **attrs),
-             helper.make_node("Gather", ["W", "ids"], ["out"], name="lookup")]
-    return _model(nodes, inits, opset=opset, out_type=out_type)
-
-
-def _mul(scale: np.ndarray) -> onnx.ModelProto:
-    """``Gather(Mul(Cast(Q), S), ids)``."""
-    nodes = [helper.make_node("Cast", ["Q"], ["Qf"], name="cast", to=TensorProto.FLOAT),
-             helper.make_node("Mul", ["Qf", "S"], ["W"], name="scale"),
-             helper.make_node("Gather", ["W", "ids"], ["out"], name="lookup")]
-    return _model(nodes, [_init("Q", Q8), _init("S", scale)])
-
-
-def _keras_int8() -> onnx.ModelProto:
-    """``Cast(Gather(Q, ids)) / Unsqueeze(Gather(S, ids), axes=[1])``: the scale is gathered after the lookup."""
-    nodes = [helper.make_node("Gather", ["Q", "ids"], ["q_rows"], name="lookup"),
-             helper.make_node("Cast", ["q_rows"], ["q_float"], name="cast", to=TensorProto.FLOAT),
-             helper.make_node("Gather", ["S", "ids"], ["s_rows"], name="scale_lookup"),
-             helper.make_node("Unsqueeze", ["s_rows", "axes"], ["s_col"], name="expand"),
-             helper.make_node("Div", ["q_float", "s_col"], ["out"], name="dequantize")]
-    return _model(nodes, [_init("Q", Q8), _init("S", _scale(V)), _init("axes", np.array([1], np.int64))])
-
-
-def _keras_int4() -> onnx.ModelProto:
-    """``(Cast(Q[ids]) - Cast(Z[ids][:, g])) * S[ids][:, g]``: Keras int4 with blocks."""
-    nodes = [helper.make_node("Gather", ["Q", "ids"], ["q_rows"], name="lookup"),
-             helper.make_node("Cast", ["q_rows"], ["q_float"], name="cast", to=TensorProto.FLOAT),
-             helper.make_node("Gather", ["Z", "ids"], ["z_rows"], name="zero_rows"),
-             helper.make_node("Gather", ["z_rows", "g_idx"], ["z_cols"], name="zero_cols", axis=-1),
-             helper.make_node("Cast", ["z_cols"], ["z_float"], name="zero_cast", to=TensorProto.FLOAT),
-             helper.make_node("Gather", ["S", "ids"], ["s_rows"], name="scale_rows"),
-             helper.make_node("Gather", ["s_rows", "g_idx"], ["s_cols"], name="scale_cols", axis=-1),
-             helper.make_node("Sub", ["q_float", "z_float"], ["centered"], name="sub"),
-             helper.make_node("Mul", ["centered", "s_cols"], ["out"], name="mul")]
-    q4 = RNG.integers(-8, 8, (V, D)).astype(np.int8)
-    zero = RNG.integers(-8, 8, (V, G)).astype(np.int8)
-    g_idx = np.arange(D, dtype=np.int64) // BLOCK
-    return _model(nodes, [_init("Q", q4), _init("Z", zero), _init("S", _scale(V, G)), _init("g_idx", g_idx)])
 
 
 def _half_exact(*shape: int) -> np.ndarray:
@@ -111,15 +60,6 @@ CASES: dict[str, Callable[[], onnx.ModelProto]] = {
     "keras_int8": _keras_int8,
     "keras_int4_blocks": _keras_int4,
 }
-
-
-def _save(model: onnx.ModelProto, path: Path, *, external: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if external:
-        onnx.save(model, path, save_as_external_data=True, location=f"{path.stem}.data", size_threshold=0)
-    else:
-        onnx.save(model, path)
-    return path
 
 
 def _run(model: onnx.ModelProto | Path, ids: np.ndarray) -> np.ndarray:

@@ -9,14 +9,14 @@ read it from the store's file. Tiny model: Embedding(40, 4) -> mean -> float32 D
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 import pytest
+from test_keras_fidelity import global_policy  # the fidelity tests' policy switch
 
 from bridge.onnx_io import external_data_info
 from converters.keras import ConversionResult, convert
@@ -26,17 +26,6 @@ from converters.keras_parity import conversion_parity
 ROWS, DIM = 40, 4
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
 BACKENDS = ("numpy", "onnxruntime")
-
-
-@contextlib.contextmanager
-def global_policy(keras: Any, name: str) -> Iterator[None]:
-    """Set Keras's global dtype policy for the block; always restore the previous one."""
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(name)
-    try:
-        yield
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 def mixed_model(k: Any) -> Any:
