@@ -28,7 +28,9 @@ Schema ``embedding-bridge/1`` (all paths relative to the store directory, ``/``-
       }],
       "vocabularies": [{
           "name": "tok_emb", "file": "vocab/tok_emb.txt", "size": 1000, "sha256": "...",
-          "oov_id": 1, "reserved": {"mask": 0, "oov": 1}, "source": "string_lookup"
+          "oov_id": 1, "reserved": {"mask": 0, "oov": 1}, "source": "string_lookup",
+          "aliases": {"colour": 7},              # optional: more tokens for an id (ONNX CategoryMapper)
+          "unnamed": [0]                         # optional: ids whose line is a placeholder, not a token
       }],
       "files": {"model.onnx": {"sha256": "...", "bytes": 1234}}   # other files written with the store
     }
@@ -193,7 +195,11 @@ _QUANT_OPTIONAL = {"zero_point": _OPT_OBJECT, "group_size": _GROUP_SIZE, "axis":
 _PARAM_REQUIRED = {"file": _NAME, "sha256": _SHA256, "shape": _SHAPE, "dtype": _DTYPE}
 _PARAM_OPTIONAL = {"data_offset": _COUNT}
 _VOCAB_REQUIRED = {"name": _NAME, "file": _NAME, "sha256": _SHA256}
-_VOCAB_OPTIONAL = {"size": _COUNT, "oov_id": _OPT_INT, "reserved": _RESERVED, "source": _OPT_STR}
+_ALIASES: _Rule = ("an object mapping tokens to integer ids",
+                   lambda v: isinstance(v, dict) and all(map(_is_int, v.values())))
+_IDS: _Rule = ("a list of integer ids", lambda v: isinstance(v, list) and all(map(_is_int, v)))
+_VOCAB_OPTIONAL = {"size": _COUNT, "oov_id": _OPT_INT, "reserved": _RESERVED, "source": _OPT_STR,
+                   "aliases": _ALIASES, "unnamed": _IDS}
 _FILE_REQUIRED = {"sha256": _SHA256, "bytes": _COUNT}
 
 
@@ -257,7 +263,9 @@ def _check_vocabulary(entry: Any, at: _Where) -> str:
     _check_fields(entry, at, _VOCAB_REQUIRED, _VOCAB_OPTIONAL)
     if "size" in entry:
         reserved = [(f"reserved.{k}", v) for k, v in (entry.get("reserved") or {}).items()]
-        _check_ids([("oov_id", entry.get("oov_id")), *reserved], entry["size"], at)
+        aliases = [(f"aliases.{k}", v) for k, v in entry.get("aliases", {}).items()]
+        unnamed = [(f"unnamed[{j}]", v) for j, v in enumerate(entry.get("unnamed", []))]
+        _check_ids([("oov_id", entry.get("oov_id")), *reserved, *aliases, *unnamed], entry["size"], at)
     return str(entry["name"])
 
 
@@ -270,4 +278,10 @@ def _check_unique(kind: str, names: list[str], path: Path) -> None:
 
 def write_manifest_bytes(manifest: dict[str, Any]) -> bytes:
     """Serialize a manifest deterministically (sorted keys inside entries kept in insertion order)."""
-    return (json.dumps(manifest, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate in a name, an initializer or metadata
+        bad = text[max(0, exc.start - 40):exc.end + 10].strip()
+        raise InputError(f"the manifest would hold a string that is not valid Unicode (a lone surrogate near "
+                         f"{bad!r}); rename what holds it (table, initializer or metadata)") from exc

@@ -8,7 +8,10 @@ Gather (Keras's negative-id wrap: ``Add``, ``Mul``, ``Cast``, ``Where``, reshape
 table fed by a lookup, without the framework that made the model.
 
 Ids no category names (the mask id of a StringLookup with a mask token, for instance) get the
-placeholder token ``[unusedN]``; the default id gets ``[UNK]`` unless a category already uses it.
+placeholder line ``[unusedN]`` and are listed as unnamed, so no token maps to them; the default id
+gets ``[UNK]`` unless a category already uses that id or that string. Strings sharing an id are kept
+as aliases, and a repeated string counts with its last id, so every token maps where onnxruntime's
+CategoryMapper sends it.
 Ids are bounded by the table's rows (an id beyond them names no row): a vocabulary never has more
 entries than its table, whatever ids a model's mapper holds (see :func:`mapper_vocabulary`).
 
@@ -65,6 +68,11 @@ def mapper_vocabulary(node: onnx.NodeProto, label: str = "", *, rows: int) -> On
     """The string -> id vocabulary of a CategoryMapper node feeding a table of ``rows`` rows, or None if
     it maps nothing.
 
+    Every token maps to the id onnxruntime gives it: a string listed twice counts with its last id,
+    and strings sharing an id are all kept (the first one on the id's line, the others as
+    :attr:`~bridge.vocab.Vocabulary.aliases`). Ids no string names get a placeholder line and are
+    :attr:`~bridge.vocab.Vocabulary.unnamed`, so a token spelled like a placeholder is still unknown.
+
     Ids are bounded by the table: a category whose id is ``>= rows`` names no row (the model's Gather
     fails on it), so it is left out, and is then an unknown token (the OOV id, if any, where the
     model fails); a ``default_int64 >= rows`` gives no OOV id. Both are noted in
@@ -72,41 +80,46 @@ def mapper_vocabulary(node: onnx.NodeProto, label: str = "", *, rows: int) -> On
     the node holds; None when no category has a row.
     """
     cats = _categories(node)
-    kept = [(token, i) for token, i in cats if i < rows] if cats is not None else []
-    if cats is None or not kept:
+    mapping = dict(cats) if cats is not None else {}  # the last id of a repeated string wins, as in onnxruntime
+    kept = {token: i for token, i in mapping.items() if i < rows}
+    if not kept:
         return None
+    assert cats is not None
     default_attr = _attr(node, "default_int64")
     default = int(default_attr.i) if default_attr is not None else -1
     oov_id = default if 0 <= default < rows else None
-    tokens, aliases = _placed(kept, oov_id)
-    gaps = [i for i, t in enumerate(tokens) if t is None]
+    tokens = _placed(kept, oov_id)
+    unnamed = tuple(i for i, t in enumerate(tokens) if t is None)
     filled = [t if t is not None else f"[unused{i}]" for i, t in enumerate(tokens)]
+    aliases = {token: i for token, i in kept.items() if tokens[i] != token}
     meta: dict[str, Any] = {"source": "onnx CategoryMapper", "node": label or node.name, "categories": len(cats),
                             "default_int64": default}
-    if gaps:
-        meta["unnamed_ids"] = gaps
+    if unnamed:
+        meta["unnamed_ids"] = list(unnamed)
     if aliases:
-        meta["aliases"] = f"{aliases} token(s) share an id with an earlier token; only the first is listed"
-    beyond = _out_of_range(len(cats) - len(kept), default, rows)
+        meta["aliases"] = f"{len(aliases)} token(s) share an id with another token; the store lists them as aliases"
+    if len(mapping) < len(cats):
+        meta["repeated"] = (f"{len(cats) - len(mapping)} category string(s) repeat; "
+                            "the last id counts, as in onnxruntime")
+    beyond = _out_of_range(len(mapping) - len(kept), default, rows)
     if beyond:
         meta["out_of_range"] = beyond
     reserved = {"oov": oov_id} if oov_id is not None else {}
-    return OnnxVocab(Vocabulary(filled, oov_id=oov_id, reserved=reserved, source="onnx_category_mapper"), meta)
+    vocabulary = Vocabulary(filled, oov_id=oov_id, reserved=reserved, source="onnx_category_mapper",
+                            aliases=aliases, unnamed=unnamed)
+    return OnnxVocab(vocabulary, meta)
 
 
-def _placed(kept: list[tuple[str, int]], oov_id: int | None) -> tuple[list[str | None], int]:
-    """Each token at its id (``[UNK]`` at ``oov_id`` if free), sized by the largest id; and how many
-    tokens repeat an id already taken. Callers bound the ids, so the list is as long as they allow."""
-    tokens: list[str | None] = [None] * (max(max(i for _, i in kept), -1 if oov_id is None else oov_id) + 1)
-    aliases = 0
-    for token, i in kept:
+def _placed(kept: dict[str, int], oov_id: int | None) -> list[str | None]:
+    """The first token of each id at that id (``[UNK]`` at a free ``oov_id`` unless it is a category),
+    sized by the largest id; None where no token names the id. Callers bound the ids."""
+    tokens: list[str | None] = [None] * (max(max(kept.values()), -1 if oov_id is None else oov_id) + 1)
+    for token, i in kept.items():
         if tokens[i] is None:
             tokens[i] = token
-        else:
-            aliases += 1
-    if oov_id is not None and tokens[oov_id] is None:
-        tokens[oov_id] = OOV_TOKEN if OOV_TOKEN not in {t for t in tokens if t is not None} else None
-    return tokens, aliases
+    if oov_id is not None and tokens[oov_id] is None and OOV_TOKEN not in kept:
+        tokens[oov_id] = OOV_TOKEN  # unknown tokens get oov_id anyway, [UNK] included
+    return tokens
 
 
 def _out_of_range(dropped: int, default: int, rows: int) -> str:

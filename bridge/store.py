@@ -105,6 +105,19 @@ def _check_names(tables: Sequence[EmbeddingTable]) -> None:
         raise StoreError(f"table names must be unique; repeated: {', '.join(dupes)}")
     if not all(names):
         raise StoreError("every table needs a non-empty name")
+    for name in names:
+        if not isinstance(name, str) or not _is_unicode(name):
+            raise InputError(f"table name {name!r} is not a valid Unicode string (a str without lone surrogates); "
+                             "the manifest is UTF-8 JSON: rename the table")
+
+
+def _is_unicode(text: str) -> bool:
+    """True if ``text`` can be written as UTF-8 (it holds no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _write_npy_file(root: Path, rel: str, array: Any, desc: str) -> Any:
@@ -163,6 +176,8 @@ def _write_vocab(root: Path, name: str, stem: str, vocab: Vocabulary) -> dict[st
         "oov_id": vocab.oov_id,
         "reserved": dict(vocab.reserved),
         "source": vocab.source,
+        **({"aliases": dict(vocab.aliases)} if vocab.aliases else {}),
+        **({"unnamed": list(vocab.unnamed)} if vocab.unnamed else {}),
     }
 
 
@@ -224,6 +239,7 @@ class Store(Mapping[str, EmbeddingTable]):
         vocab = Vocabulary.load(
             self.file_path(entry["file"]), oov_id=entry.get("oov_id"),
             reserved=dict(entry.get("reserved") or {}), source=entry.get("source"),
+            aliases=dict(entry.get("aliases") or {}), unnamed=tuple(entry.get("unnamed") or ()),
         )
         if len(vocab) != entry.get("size", len(vocab)):
             raise StoreError(f"vocabulary {name!r} has {len(vocab)} tokens, the manifest says {entry['size']}")

@@ -1,8 +1,14 @@
 """Vocabularies: token <-> id, with reserved ids, stored as plain text (one token per line).
 
 Text format (UTF-8, ``\\n`` line ends, line number = id, starting at 0). A token containing
-a backslash, newline or carriage return is escaped as ``\\\\``, ``\\n``, ``\\r``; every other
-character is written as is, so a reader that ignores escaping only misreads such tokens.
+a backslash, newline or carriage return is escaped as ``\\\\``, ``\\n``, ``\\r``, and a lone
+surrogate (a byte that was not UTF-8, decoded with ``surrogateescape``) as ``\\uDCxx``; every
+other character is written as is, so a reader that ignores escaping only misreads such tokens.
+
+Two things the text cannot say are kept in the store's manifest (see :class:`Vocabulary`):
+``aliases``, tokens that map to an id besides the one written on its line (an ONNX
+``CategoryMapper`` may give several tokens one id), and ``unnamed``, ids whose line holds a
+placeholder that no token maps to.
 """
 
 from __future__ import annotations
@@ -21,14 +27,22 @@ from bridge.errors import InputError, VocabularyError
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r"}
 _UNESCAPES = {"\\": "\\", "n": "\n", "r": "\r"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _OOV_NAME = re.compile(r"oov(_[0-9]+)?")  # reserved names of OOV ids: oov, oov_1, oov_2, ...
 
 
 def escape_token(token: str) -> str:
     """Escape one token for the one-token-per-line text format."""
-    if "\\" not in token and "\n" not in token and "\r" not in token:
-        return token
-    return "".join(_ESCAPES.get(ch, ch) for ch in token)
+    if "\\" in token or "\n" in token or "\r" in token:
+        token = "".join(_ESCAPES.get(ch, ch) for ch in token)
+    return _escape_surrogates(token)
+
+
+def _escape_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate (which UTF-8 cannot hold) written as ``\\uXXXX``."""
+    if text.isascii() or not _SURROGATE.search(text):
+        return text
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04X}", text)
 
 
 def unescape_token(text: str) -> str:
@@ -40,12 +54,25 @@ def unescape_token(text: str) -> str:
     for ch in chars:
         if ch == "\\":
             nxt = next(chars, "")
+            if nxt == "u":
+                out.append(_surrogate(text, "".join(next(chars, "") for _ in range(4))))
+                continue
             if nxt not in _UNESCAPES:
-                raise InputError(f"bad escape '\\{nxt}' in vocabulary line {text!r}; only \\\\, \\n, \\r are defined")
+                raise InputError(f"bad escape '\\{nxt}' in vocabulary line {text!r}; "
+                                 "only \\\\, \\n, \\r and \\uD800-\\uDFFF are defined")
             out.append(_UNESCAPES[nxt])
         else:
             out.append(ch)
     return "".join(out)
+
+
+def _surrogate(text: str, digits: str) -> str:
+    """The lone surrogate ``\\u<digits>`` names (the only characters written that way)."""
+    code = int(digits, 16) if len(digits) == 4 and all(c in "0123456789abcdefABCDEF" for c in digits) else -1
+    if not 0xD800 <= code <= 0xDFFF:
+        raise InputError(f"bad escape '\\u{digits}' in vocabulary line {text!r}; "
+                         "\\u escapes only name lone surrogates, \\uD800-\\uDFFF")
+    return chr(code)
 
 
 @dataclass
@@ -61,38 +88,52 @@ class Vocabulary:
     ``oov_{N-1}`` (:attr:`oov_buckets` counts them; the store saves ``reserved``). Keras then
     hashes each unknown token (its OOV token ``[UNK]`` too) into one of them, which this package
     does not reproduce, so :meth:`ids` refuses unknown tokens instead of guessing a bucket.
+
+    ``aliases`` maps further tokens to ids (an ONNX ``CategoryMapper`` may give several tokens
+    one id, while the text has one token per id); an alias wins over a token's position.
+    ``unnamed`` lists ids no token names: their entries in ``tokens`` are placeholders (the text
+    format needs a line for each id), which :meth:`ids` treats as unknown tokens.
     """
 
     tokens: list[str]
     oov_id: int | None = None
     reserved: dict[str, int] = field(default_factory=dict)
     source: str | None = None
+    aliases: dict[str, int] = field(default_factory=dict)
+    unnamed: tuple[int, ...] = ()
     _index: dict[str, int] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
-        for label, idx in [("oov_id", self.oov_id), *self.reserved.items()]:
+        aliases = ((f"alias {token!r}", i) for token, i in self.aliases.items())
+        ids = [("oov_id", self.oov_id), *self.reserved.items(), *aliases, *(("unnamed id", i) for i in self.unnamed)]
+        for label, idx in ids:
             if idx is not None and (isinstance(idx, bool) or not isinstance(idx, (int, np.integer))):
                 raise InputError(f"vocabulary {label} must be an integer id, got {idx!r}")
             if idx is not None and not 0 <= idx < n:
                 raise InputError(f"vocabulary {label}={idx} is outside [0, {n})")
+        bad = next((t for t in self.aliases if not isinstance(t, str)), None)
+        if bad is not None:
+            raise InputError(f"vocabulary alias {bad!r} is a {type(bad).__name__}; aliases are tokens (str)")
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     @property
     def index(self) -> dict[str, int]:
-        """token -> id; the first occurrence wins when a token repeats (as in Keras).
+        """token -> id; the first occurrence wins when a token repeats (as in Keras), and
+        :attr:`aliases` win over positions.
 
-        With several hashed OOV buckets the OOV ids are left out: Keras hashes the OOV token
-        (``[UNK]``) like any unknown token.
+        Unnamed ids are left out, and so are the OOV ids when there are several hashed OOV
+        buckets: Keras hashes the OOV token (``[UNK]``) like any unknown token.
         """
         if self._index is None:
-            hashed = set(self._bucket_ids()) if self.oov_buckets > 1 else set()
+            skip = set(self.unnamed) | (set(self._bucket_ids()) if self.oov_buckets > 1 else set())
             index: dict[str, int] = {}
             for i, tok in enumerate(self.tokens):
-                if i not in hashed:
+                if i not in skip:
                     index.setdefault(tok, i)
+            index.update((token, int(i)) for token, i in self.aliases.items())
             self._index = index
         return self._index
 
@@ -145,7 +186,14 @@ class Vocabulary:
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the tokens as UTF-8 text, one per line (see the module docstring)."""
+        """Write the tokens as UTF-8 text, one per line (see the module docstring); the aliases and
+        unnamed ids are the caller's to keep (the store writes them into its manifest)."""
+        bad = next((t for t in self.tokens if not isinstance(t, str)), None)
+        if bad is not None:
+            position = next(i for i, t in enumerate(self.tokens) if t is bad)
+            hint = "; decode bytes first, e.g. token.decode('utf-8')" if isinstance(bad, bytes) else ""
+            raise VocabularyError(f"vocabulary token {bad!r} (id {position}) is a {type(bad).__name__}, "
+                                  f"not str; tokens must be strings{hint}")
         text = "".join(escape_token(t) + "\n" for t in self.tokens)
         Path(path).write_text(text, encoding="utf-8", newline="\n")
 
