@@ -8,7 +8,8 @@ an ONNX model in onnxruntime), on the id sets of :func:`parity_ids` and collects
 Counting: ``total`` is the number of looked-up vectors (ids), ``mismatches`` how many of them differ in at
 least one element, and ``first_mismatch_id`` the id of the first differing vector in C order. Without a
 tolerance the comparison is bitwise (equal NaN bit patterns are equal; ``-0.0`` differs from ``0.0``); with
-``atol``/``rtol`` an element passes if ``|c - r| <= atol + rtol * |r|`` or ``c == r``, and NaN always fails.
+``atol``/``rtol`` an element passes if ``c == r``, if both are NaN (as ``np.testing.assert_allclose``
+does), or if ``r`` is finite and ``|c - r| <= atol + rtol * |r|`` (an infinity matches only itself).
 ``max_abs_diff`` is computed in float64; a NaN that is not matched bit for bit counts as ``inf``.
 """
 
@@ -124,17 +125,21 @@ def _bits(arr: np.ndarray) -> np.ndarray:
 def _element_diff(
     ref: np.ndarray, cand: np.ndarray, tolerance: tuple[float, float] | None
 ) -> tuple[np.ndarray, float]:
-    """Per-element mismatch mask of two ``[n, dim]`` arrays, and the max absolute difference."""
+    """Per-element mismatch mask of two ``[n, dim]`` arrays, and the max absolute difference.
+
+    Bitwise, a NaN matches only the same NaN bits; within a tolerance, a NaN matches any NaN (both
+    sides computed "not a number" there) and an infinity only the same infinity.
+    """
     with np.errstate(invalid="ignore", over="ignore"):  # NaNs (signalling ones warn when cast) and infinities
         r, c = ref.astype(np.float64), cand.astype(np.float64)
         diff = np.abs(r - c)
-        equal = r == c
+        equal = (r == c) | (np.isnan(r) & np.isnan(c))
         if tolerance is None:
             bad = _bits(ref) != _bits(cand)
             same = ~bad
         else:
             atol, rtol = tolerance
-            bad = ~(equal | (diff <= atol + rtol * np.abs(r)))
+            bad = ~(equal | (np.isfinite(r) & (diff <= atol + rtol * np.abs(r))))  # an infinity: only itself
             same = equal
     diff[same] = 0.0
     diff[np.isnan(diff)] = math.inf

@@ -87,8 +87,11 @@ def _python_ints(ids: Sequence[Any], arr: np.ndarray) -> np.ndarray:
         return obj.astype(np.int64)
     if low >= 0 and high < 2**64:
         return obj.astype(np.uint64)
-    bad = high if high >= 2**64 else low
-    raise IdError(f"id {bad} does not fit in 64 bits; ids must be int64 or uint64 values")
+    if high >= 2**64 or low < -(2**63):
+        bad = high if high >= 2**64 else low
+        raise IdError(f"id {bad} does not fit in 64 bits; ids must be int64 or uint64 values")
+    raise IdError(f"ids mix a negative id ({low}) with an id >= 2**63 ({high}), and no 64-bit integer type "
+                  "holds both; look them up in separate calls, or drop the ids >= 2**63 (no table has such rows)")
 
 
 def _dtype_message(dtype: np.dtype[Any]) -> str:

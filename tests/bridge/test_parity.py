@@ -93,11 +93,19 @@ def test_bitwise_nan_equals_same_nan_but_not_another_payload() -> None:
     assert not result and result.max_abs_diff == math.inf and result.first_mismatch_id == 0
 
 
-def test_nan_always_fails_with_tolerance() -> None:
+def test_nan_matches_only_nan_with_tolerance() -> None:
     nan = np.array([[np.nan, 1.0]], np.float32)
-    result = compare(nan, nan.copy(), np.array([4]), atol=1.0, rtol=1.0)
+    assert compare(nan, nan.copy(), np.array([4]), atol=1.0, rtol=1.0)  # both sides compute NaN: they agree
+    result = compare(nan, np.array([[1.0, 1.0]], np.float32), np.array([4]), atol=1.0, rtol=1.0)
     assert not result and result.first_mismatch_id == 4 and result.tolerance == (1.0, 1.0)
     assert not compare(np.array([[1.0]]), np.array([[np.nan]]), np.array([0]), atol=1e9)
+
+
+def test_infinity_matches_only_itself_with_tolerance() -> None:
+    ref = np.array([[np.inf, -np.inf, np.inf]], np.float32)
+    assert compare(ref, ref.copy(), np.array([0]), atol=1e-3, rtol=1e-3)
+    for cand in ([[-np.inf, -np.inf, np.inf]], [[np.inf, -np.inf, 3.0e38]]):  # rtol * inf must not excuse them
+        assert not compare(ref, np.array(cand, np.float32), np.array([0]), atol=1e-3, rtol=1e-3)
 
 
 def test_tolerance() -> None:
