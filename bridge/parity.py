@@ -146,6 +146,11 @@ def _element_diff(
     return bad, float(diff.max()) if diff.size else 0.0
 
 
+#: The first line of every Markdown report (an HTML comment, invisible when rendered): ``embridge parity
+#: --report`` replaces an existing file only if it starts with it.
+REPORT_MARK = "<!-- embridge parity report -->"
+
+
 def parity_ids(rows: int, policy: str, seed: int = 0) -> dict[str, np.ndarray]:
     """Id sets for a table of ``rows`` rows under ``policy`` (all int64).
 
@@ -390,9 +395,9 @@ class ParityReport:
         }
 
     def to_markdown(self) -> str:
-        """A GitHub-flavoured Markdown table and a summary line."""
+        """A GitHub-flavoured Markdown table and a summary line, after the :data:`REPORT_MARK` comment."""
         table = markdown_table(_HEADERS, [_cells(c) for c in self.comparisons])
-        return f"{table}\n\n{self.summary()}\n"
+        return f"{REPORT_MARK}\n{table}\n\n{self.summary()}\n"
 
     def grouped(self) -> list[Comparison]:
         """One row per (table, candidate, reference): the id sets merged, first failure kept."""

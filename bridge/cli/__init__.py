@@ -2,8 +2,10 @@
 
 Every sub-command prints human-readable output by default and one JSON document on stdout
 with ``--json``; progress and logs go to stderr. A :class:`~bridge.errors.BridgeError`
-becomes one line on stderr and a non-zero exit code, never a traceback; so does an error of the
-machine (an ``OSError`` such as a full disk, or a ``MemoryError``), with exit code 1.
+becomes one line on stderr and a non-zero exit code, never a traceback; so do usage errors (exit
+code 2), a file the user named that cannot be read (2), an error of the machine (an ``OSError`` such
+as a full disk, or a ``MemoryError``: 1) and Ctrl-C (130). The message says what the command had
+already written completely (:func:`bridge.cli.common.wrote`), else that nothing was written.
 """
 
 from __future__ import annotations
@@ -11,18 +13,31 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, NoReturn
 
-from bridge.cli import bench_cmds, model_cmds, serve_cmds, share_cmds
+from bridge.cli import bench_cmds, common, model_cmds, serve_cmds, share_cmds
 from bridge.errors import BridgeError
 
 _COMMANDS = (model_cmds, serve_cmds, share_cmds, bench_cmds)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit code 2), like every other error.
+
+    Sub-command parsers are made with the parent's class, so they share it.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full ``embridge`` argument parser."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="embridge",
         description="Move embedding tables between Keras, ONNX, PyTorch and NumPy, and prove they match.",
     )
@@ -53,20 +68,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``embridge``; returns the exit code (also used as the console-script entry point)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     args = build_parser().parse_args(_join_negative_ids(sys.argv[1:] if argv is None else argv))
-    try:
-        return int(args.func(args) or 0)
-    except BridgeError as exc:
-        print(f"embridge {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"embridge {args.command}: interrupted; nothing was written", file=sys.stderr)
+    common.WRITTEN.clear()
+    with _interrupts() as interrupted:
+        try:
+            code = int(args.func(args) or 0)
+        except BridgeError as exc:
+            print(f"embridge {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            code = 130
+        except BrokenPipeError:
+            return 0
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:  # a path given
+            print(f"embridge {args.command}: error: {_one_line(exc)}; check the path{_written()}", file=sys.stderr)
+            return 2
+        except (OSError, MemoryError) as exc:  # the machine, not the input: disk full, out of memory, ...
+            what = "out of memory" if isinstance(exc, MemoryError) else _one_line(exc)
+            print(f"embridge {args.command}: error: {what}{_written()}", file=sys.stderr)
+            return 1
+    if code == 130 or interrupted:
+        print(f"embridge {args.command}: interrupted{_written()}", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        return 0
-    except (OSError, MemoryError) as exc:  # the machine, not the input: disk full, out of memory, ...
-        what = "out of memory" if isinstance(exc, MemoryError) else _one_line(exc)
-        print(f"embridge {args.command}: error: {what}; nothing was written", file=sys.stderr)
-        return 1
+    return code
+
+
+def _written() -> str:
+    """What the command had written completely before it stopped, for its last message."""
+    if not common.WRITTEN:
+        return "; nothing was written"
+    return f"; {', '.join(map(repr, common.WRITTEN))} had already been written completely"
+
+
+@contextmanager
+def _interrupts() -> Iterator[list[bool]]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered (a non-empty list): an interrupt
+    raised inside a garbage-collector callback is swallowed by Python, and the run must still exit 130."""
+    seen: list[bool] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.append(True)
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread (an embedding application): leave signals alone
+        yield seen
+        return
+    try:
+        yield seen
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bridge.cli.common import add_json, emit_json, note, say
+from bridge.cli.common import add_json, comma_list, emit_json, note, say, wrote
 from bridge.errors import InputError, UnsupportedError
 
 DEFAULT_OUT = "bench-out"
@@ -55,12 +55,12 @@ def build_config(args: argparse.Namespace) -> Any:
     config = _suite("benchmarks.config")
     make = config.quick_config if args.quick else config.full_config
     changes: dict[str, Any] = {"tensorflow": not args.no_tf, "gensim": not args.no_gensim, "seed": args.seed}
-    patterns = tuple(dict.fromkeys(p.strip() for p in (args.variants or "").split(",") if p.strip()))
+    patterns = tuple(dict.fromkeys(comma_list(args.variants, "--variants"))) if args.variants is not None else ()
     if patterns:
         changes["variants"] = patterns
     if args.table:
         changes["tables"] = tuple(config.parse_table(t) for t in args.table)
-    if args.batches:
+    if args.batches is not None:
         changes["batches"] = config.parse_ints(args.batches, "batch sizes")
     if args.dist is not None:
         changes["distributions"] = tuple(dict.fromkeys(d.strip() for d in args.dist.split(",") if d.strip()))
@@ -78,7 +78,7 @@ def build_config(args: argparse.Namespace) -> Any:
     cfg = make(large=args.large, **changes)
     if patterns:
         _check_patterns(cfg, patterns)
-    if args.table or args.batches or args.dist or patterns:
+    if args.table or args.batches is not None or args.dist is not None or patterns:
         cfg = replace(cfg, mode=f"{cfg.mode}+custom")
     return cfg
 
@@ -136,6 +136,8 @@ def run_bench(args: argparse.Namespace) -> int:
          f"results go to {out}/")
     doc = runner.run_benchmark(cfg, command=command_line(args))
     written = runner.write_outputs(doc, out, plots=not args.no_plots)
+    for path in written.values():
+        wrote(path)
     if args.json:
         emit_json(doc)
     else:

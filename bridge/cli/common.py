@@ -7,7 +7,11 @@ import json
 import sys
 from typing import Any
 
+from bridge.errors import InputError
 from bridge.render import json_safe
+
+#: What the running command has written completely (paths), for an honest message if it then fails.
+WRITTEN: list[str] = []
 
 
 def add_json(parser: argparse.ArgumentParser) -> None:
@@ -35,3 +39,18 @@ def say(text: str = "") -> None:
 def note(text: str) -> None:
     """A remark for the person at the terminal (stderr, so --json stays clean)."""
     print(text, file=sys.stderr)
+
+
+def wrote(path: object) -> None:
+    """Record that ``path`` is written completely (the error message of a later failure names it)."""
+    WRITTEN.append(str(path))
+
+
+def comma_list(text: str, flag: str) -> list[str]:
+    """``"a, b"`` -> ``["a", "b"]``; InputError for an empty value or an empty item (``"a,,b"``, ``"a,"``)."""
+    items = [t.strip() for t in text.split(",")]
+    if not any(items):
+        raise InputError(f"{flag} is empty; give a comma-separated list, or leave the option out")
+    if not all(items):
+        raise InputError(f"{flag} {text!r} has an empty item; write the items separated by single commas")
+    return items

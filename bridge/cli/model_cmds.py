@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from bridge.cli.common import add_json, add_output, emit_json, note, say
+from bridge.cli.common import add_json, add_output, emit_json, note, say, wrote
+from bridge.errors import InputError
 from bridge.render import format_table, human_bytes
 
 
@@ -135,6 +136,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from bridge.extract import extract
 
     store = extract(args.model, args.out, force=args.force)
+    wrote(args.out)
     if args.json:
         emit_json(store_summary(store))
         return 0
@@ -147,8 +149,11 @@ def run_convert(args: argparse.Namespace) -> int:
     from converters.keras import convert
 
     note(f"converting {args.model} with tf2onnx ...")
+    if args.opset is not None:
+        _check_opset(args.opset)
     result = convert(args.model, args.out, force=args.force, safe_mode=not args.unsafe, opset=args.opset,
                      large=args.large)
+    wrote(args.out)
     parity = None if args.no_parity else result_parity(result)
     if args.json:
         emit_json({**store_summary(result.store), "onnx_model": str(result.onnx_path),
@@ -161,6 +166,22 @@ def run_convert(args: argparse.Namespace) -> int:
         if parity is not None:
             say("\n" + parity.to_text())
     return 0 if parity is None or parity else 3
+
+
+def _check_opset(opset: int) -> None:
+    """InputError for an opset tf2onnx cannot convert to (it names the range it supports)."""
+    from tf2onnx.constants import OPSET_TO_IR_VERSION  # tf2onnx imports TensorFlow, which convert needs anyway
+
+    highest = max(OPSET_TO_IR_VERSION)
+    if not 9 <= opset <= highest:
+        raise InputError(f"--opset {opset} is not one tf2onnx {_tf2onnx_version()} converts to; choose 9..{highest} "
+                         "(default 17)")
+
+
+def _tf2onnx_version() -> str:
+    from importlib.metadata import version
+
+    return version("tf2onnx")
 
 
 def result_parity(result: Any) -> Any:

@@ -11,7 +11,7 @@ import pytest
 
 import bridge.parity as parity
 from bridge.errors import ParityError
-from bridge.parity import Comparison, ParityReport, compare, parity_ids, reference_lookup, table_parity
+from bridge.parity import REPORT_MARK, Comparison, ParityReport, compare, parity_ids, reference_lookup, table_parity
 from bridge.policy import POLICIES
 from bridge.table import EmbeddingTable
 
@@ -201,7 +201,9 @@ def test_report_renderings() -> None:
     assert obj["passed"] is False and obj["failed"] == len(report.failures) > 0
     assert json.loads(text)["comparisons"][0]["table"] == "emb"
     md = report.to_markdown()
-    assert md.startswith("| table | backend |") and "| tampered |" in md and "FAILED" in md
+    mark, table_head = md.splitlines()[:2]
+    assert mark == REPORT_MARK and table_head.startswith("| table | backend |")
+    assert "| tampered |" in md and "FAILED" in md
     lines = report.to_text(per_case=True).splitlines()
     assert lines[0].split()[:3] == ["table", "backend", "reference"] and set(lines[1]) <= {"-", " "}
     assert len(lines) == len(report.comparisons) + 3

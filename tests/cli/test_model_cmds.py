@@ -282,7 +282,7 @@ def test_parity_input_errors_are_exit_2(tmp_path: Path, capsys: pytest.CaptureFi
     cases = {
         ("--report", f"{store}/manifest.json"): "is inside the store",
         ("--tables", "nope"): "no table 'nope'",
-        ("--backends", ","): "no backend given",
+        ("--backends", ","): "--backends is empty",
         ("--onnx", str(tmp_path)): "is a directory",
     }
     for args, message in cases.items():
