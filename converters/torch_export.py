@@ -16,8 +16,10 @@ Both exporters name the graph inputs after ``forward``'s parameters (the legacy 
 exporter runs ``forward`` and exports the weights as they are afterwards: an ``nn.Embedding(max_norm=...)``
 would renormalize the looked-up rows of the user's weight in place and export those; it runs with
 ``max_norm`` off instead (its graph is a plain Gather either way), so the module is left untouched and
-both exporters store the same table. Before exporting, ``forward`` runs once with a check on the ids
-each embedding gets, so bad example ids are reported as such rather than as an exporter failure.
+both exporters store the same table; buffers its ``forward`` updates (a counter, a running statistic, a
+cache) are put back afterwards (:func:`converters.torch_inputs.buffers_kept`). Before exporting,
+``forward`` runs once with a check on the ids each embedding gets, so bad example ids are reported as
+such rather than as an exporter failure.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from bridge.atomic import check_output_dir
 from bridge.errors import BridgeError, ConversionError, InputError
 from bridge.extract import read_tables
 from bridge.onnx_io import external_data_info, iter_graphs, load_model
-from bridge.scan import TableRef, default_table_name
+from bridge.scan import TableRef
 from bridge.store import Store, write_store
 from bridge.table import EmbeddingTable, SourceRef
 from bridge.ties import Tie, find_ties, ties_json
@@ -48,6 +50,7 @@ from converters.keras_map import Candidate
 from converters.torch_embedding import import_torch
 from converters.torch_inputs import (
     as_args,
+    buffers_kept,
     check_ids,
     check_types,
     dynamic_axes_for,
@@ -61,6 +64,8 @@ from converters.torch_map import (
     embedding_settings,
     map_tables,
     module_metadata,
+    opaque_embeddings,
+    table_names,
 )
 
 ONNX_FILE = "model.onnx"
@@ -91,7 +96,8 @@ def export_onnx(
     The example inputs are checked first: each must be a tensor, and ``forward`` runs once on them (no
     grad) with a check before every embedding (integer ids, in range); bad inputs are an
     :class:`InputError` saying what is wrong, not an exporter failure. The module is exported in eval
-    mode and left as it was: its training flag is restored, and the legacy exporter, which would
+    mode and left as it was: its training flag and its buffers (which ``forward`` may update: a counter,
+    a running statistic, a cache) are restored, and the legacy exporter, which would
     renormalize the looked-up rows of an ``nn.Embedding(max_norm=...)`` weight in place (and export
     that), runs with ``max_norm`` switched off (its graph never renormalizes anyway). Exporter messages
     are silenced; a failure raises :class:`ConversionError` with the exporter's message.
@@ -120,7 +126,7 @@ def export_onnx(
                                "opset_version": opset, "dynamic_axes": axes}
     if dynamo:
         options["verbose"] = False
-    with eval_mode(module):
+    with eval_mode(module), buffers_kept(module, torch):  # the legacy exporter runs forward: it may update buffers
         check_ids(module, args, torch, partial(_quiet, torch))
         with contextlib.nullcontext() if dynamo else max_norm_off(module):
             _run_export(torch, module, args, target, options)
@@ -154,17 +160,21 @@ def extract_torch(
 ) -> Store:
     """Export ``module`` to ONNX, find its embedding tables, and write them as a store at ``out_dir``.
 
-    Each table is named after its ``state_dict`` key (``"tok.weight"``), with one
-    ``SourceRef("torch", layer=<module path>, weight=<key>)`` per key holding the same values
-    (a tied weight has several). A tied output projection is found by value and recorded in the
-    table's ``metadata["ties"]``; the table is stored once. ``padding_id`` is the embedding's
-    ``padding_idx``. With ``keep_onnx`` the exported model is stored as ``model.onnx`` (parity
-    runs its Gathers). Warnings (unmapped tables, embeddings missing from the graph) go to the
-    manifest's ``provenance["warnings"]``.
+    Each table is named after its ``state_dict`` key exactly (``"tok.weight"``, ``"feats.user/tok.weight"``),
+    with one ``SourceRef("torch", layer=<module path>, weight=<key>)`` per key holding the same values
+    (a tied weight has several). A key with a comma, an unprintable character or surrounding spaces
+    cannot be a table name as it is: such characters become ``_`` (with a ``_2``, ... suffix rather than
+    a name another table's exact key owns), and a warning names the key. A tied output projection is
+    found by value and recorded in the table's ``metadata["ties"]``; the table is stored once.
+    ``padding_id`` is the embedding's ``padding_idx``. With ``keep_onnx`` the exported model is stored
+    as ``model.onnx`` (parity runs its Gathers). Warnings (unmapped tables, embeddings missing from the
+    graph, renamed keys) go to the manifest's ``provenance["warnings"]``.
 
     Export follows :func:`export_onnx`: graph inputs are named ``input_names`` (default: ``forward``'s
     parameters), the keys ``dynamic_axes`` may use; the example inputs are checked before exporting; the
-    module is never modified (an ``nn.Embedding(max_norm=...)`` is stored as it was, by both exporters).
+    module is never modified (an ``nn.Embedding(max_norm=...)`` is stored as it was, by both exporters,
+    and buffers that ``forward`` updates are restored). A TorchScript module is accepted where the exporter
+    takes it: a scripted embedding keeps its ``padding_idx``; a traced one has none (a warning says so).
     Embeddings sharing one table give it a ``padding_id`` only where their ``padding_idx`` agree (a
     warning names them where they do not); each one with ``max_norm`` adds a warning.
     """
@@ -184,13 +194,10 @@ def torch_tables(model: onnx.ModelProto, base_dir: Path | None, module: Any) -> 
     pairs = read_tables(model, base_dir)
     matches = map_tables([data for _, data in pairs], module)
     ties = find_ties(model, [ref for ref, _ in pairs], base_dir, arrays={ref.key: d for ref, d in pairs})
-    warns: list[str] = []
-    taken: set[str] = set()
-    tables = []
-    for (ref, data), cands in zip(pairs, matches, strict=True):
-        name = default_table_name(cands[0].weight if cands else ref.initializer, taken)
-        taken.add(name)
-        tables.append(_table(name, ref, data, cands, ties.get(ref.key, ()), warns))
+    names, warns = table_names([cands[0].weight if cands else None for cands in matches],
+                               [ref.initializer for ref, _ in pairs])
+    tables = [_table(name, ref, data, cands, ties.get(ref.key, ()), warns)
+              for name, (ref, data), cands in zip(names, pairs, matches, strict=True)]
     found = {c.weight for cands in matches for c in cands}
     warns += [f"embedding {key!r} has no table in the exported model (unused by forward(), or folded)"
               for key in embedding_keys(module) if key not in found]
@@ -205,6 +212,9 @@ def _table(name: str, ref: TableRef, data: np.ndarray, cands: list[Candidate], t
         meta["torch"] = module_metadata(cands)
         padding = meta["torch"].get("padding_idx")
         warns += _setting_warnings(name, embedding_settings(cands))
+        warns += [f"table {name!r}: {layer!r} is a traced embedding (torch.jit.trace), which keeps no padding_idx "
+                  "or max_norm, so none is recorded; pass the nn.Module itself to record them"
+                  for layer in opaque_embeddings(cands)]
     else:
         warns.append(f"table {name!r} (initializer {ref.initializer!r}, shape {list(ref.shape)}) matches no "
                      "state_dict entry: it is stored unmapped")

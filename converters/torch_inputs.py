@@ -90,13 +90,67 @@ def dynamic_axes_for(dynamic_axes: Mapping[str, Mapping[int, str] | Sequence[int
 
 @contextlib.contextmanager
 def eval_mode(module: Any) -> Iterator[None]:
-    """``module`` in eval mode; its training flag restored on exit."""
+    """``module`` in eval mode; its training flag restored on exit.
+
+    A module that cannot switch modes (a ``torch.export`` ``ExportedProgram``'s ``.module()``) is an
+    :class:`InputError` asking for the ``nn.Module`` itself.
+    """
     was_training = module.training
-    module.eval()
+    try:
+        module.eval()
+    except NotImplementedError as exc:
+        raise InputError(f"{type(module).__name__} cannot be switched to eval mode ({exc}); this is the case of "
+                         "a torch.export ExportedProgram's .module(): pass the original nn.Module instead") from exc
     try:
         yield
     finally:
         module.train(was_training)
+
+
+@contextlib.contextmanager
+def buffers_kept(module: Any, torch: Any) -> Iterator[None]:
+    """Every buffer of ``module`` restored on exit, as it was on entry, even where ``forward`` updated it in
+    place (a counter, a running statistic), replaced it (a growing cache) or registered a new one.
+
+    Each buffer is the same tensor object again; only a buffer whose bytes changed is written to.
+    """
+    saved = [(m, _own_buffers(m)) for m in module.modules()]
+    copies = [{name: b.detach().clone() for name, b in buffers.items() if b is not None} for _, buffers in saved]
+    try:
+        yield
+    finally:
+        for (m, buffers), values in zip(saved, copies, strict=True):
+            _restore_buffers(m, buffers, values, torch)
+
+
+def _own_buffers(m: Any) -> dict[str, Any]:
+    """``{name: tensor or None}`` of the buffers registered on ``m`` itself (a buffer may be None)."""
+    return dict(m._buffers)  # noqa: SLF001 - named_buffers() leaves out the None ones
+
+
+def _restore_buffers(m: Any, buffers: dict[str, Any], values: dict[str, Any], torch: Any) -> None:
+    """Put back ``m``'s own ``buffers`` (the same tensors, holding ``values``); drop those registered since."""
+    for name in set(_own_buffers(m)) - set(buffers):
+        with contextlib.suppress(AttributeError, RuntimeError):  # a TorchScript module cannot drop one
+            delattr(m, name)
+    for name, tensor in buffers.items():
+        restored = tensor if tensor is None or _put_back(tensor, values[name], torch) else values[name]
+        if _own_buffers(m).get(name) is not restored:
+            setattr(m, name, restored)
+
+
+def _put_back(tensor: Any, value: Any, torch: Any) -> bool:
+    """Write ``value`` into ``tensor`` where its bytes differ; False when that cannot be done (its shape
+    changed in place, an inference tensor): the caller then puts the copy ``value`` in its place."""
+    try:
+        if tensor.shape != value.shape:
+            return False
+        if not torch.equal(tensor.reshape(-1).view(torch.uint8), value.reshape(-1).view(torch.uint8)):
+            with torch.no_grad():
+                tensor.copy_(value)
+    except RuntimeError:
+        return False
+    return True
 
 
 @contextlib.contextmanager
@@ -115,17 +169,16 @@ def max_norm_off(module: Any) -> Iterator[None]:
 
 def check_ids(module: Any, args: tuple[Any, ...], torch: Any,
               quiet: Callable[[], AbstractContextManager[None]] = contextlib.nullcontext) -> None:
-    """Run ``forward`` once on the example inputs (no grad, no renormalization), checking the ids each
-    embedding gets: integer dtype and in range, else :class:`InputError`. Other failures of ``forward``
-    are left to the exporter, which reports them."""
+    """Run ``forward`` once on the example inputs (no grad, no renormalization, buffers restored after,
+    :func:`buffers_kept`), checking the ids each embedding gets: integer dtype and in range, else
+    :class:`InputError`. Other failures of ``forward`` are left to the exporter, which reports them."""
     hooks = [m.register_forward_pre_hook(partial(ids_hook, path or ROOT), with_kwargs=True)
              for path, m in module.named_modules() if is_embedding(m)]
     if not hooks:
         return
     positional, keywords = (args[:-1], args[-1]) if args and isinstance(args[-1], dict) else (args, {})
-    buffers = {name: b.detach().clone() for name, b in module.named_buffers()}  # forward may update them
     try:
-        with max_norm_off(module), torch.no_grad(), quiet():
+        with buffers_kept(module, torch), max_norm_off(module), torch.no_grad(), quiet():
             module(*positional, **keywords)
     except BridgeError:
         raise
@@ -134,10 +187,6 @@ def check_ids(module: Any, args: tuple[Any, ...], torch: Any,
     finally:
         for hook in hooks:
             hook.remove()
-        with torch.no_grad():
-            for name, b in module.named_buffers():
-                if name in buffers:
-                    b.copy_(buffers[name])
 
 
 def ids_hook(path: str, emb: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
