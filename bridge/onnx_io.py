@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import zipfile
 from collections.abc import Iterator
@@ -93,9 +94,11 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False
 
     External data is left on disk unless ``load_external_data`` is true; then every external
     tensor is read (paths confined to the model's directory) into the returned proto.
-    A tf2onnx ``large_model`` zip archive is refused with :class:`UnsupportedError` saying how
-    to unzip it. Raises :class:`InputError` for a missing path or a directory and
-    :class:`ModelFormatError` for anything that is not a complete ONNX model.
+    Model-local functions that a node calls are inlined (:func:`inline_functions`), so the tables
+    they read are found; names are checked (:func:`_check_graphs`). A tf2onnx ``large_model`` zip
+    archive is refused with :class:`UnsupportedError` saying how to unzip it. Raises
+    :class:`InputError` for a missing path or a directory and :class:`ModelFormatError` for
+    anything that is not a complete ONNX model.
     """
     p = Path(path)
     _check_model_path(p)
@@ -103,29 +106,96 @@ def load_model(path: str | os.PathLike[str], *, load_external_data: bool = False
     if data[:4] == _ZIP_MAGIC:
         raise _zip_error(p)
     model = _parse_model(p, data)
-    _check_node_names(model, p)
+    _check_graphs(model, p)
+    inlined = inline_functions(model, repr(str(p)))
+    if inlined is not model:
+        model = inlined
+        _check_graphs(model, p)
     if load_external_data:
         _load_external_tensors(model, p.parent)
     return model
 
 
-def _check_node_names(model: onnx.ModelProto, p: Path) -> None:
-    """ModelFormatError for two nodes of one graph with the same non-empty name.
+def _check_graphs(model: onnx.ModelProto, p: Path) -> None:
+    """ModelFormatError for names this package (and onnxruntime) cannot tell apart, in any graph.
+
+    Checked: every name is UTF-8 (protobuf hands a name that is not back as bytes), no two nodes of a
+    graph share a non-empty name, no value of a graph is defined twice (two initializers, an initializer
+    and a node output, two node outputs), and no two subgraphs get the same path.
+    """
+    paths: set[str] = set()
+    for path, graph in iter_graphs(model):
+        where = f"subgraph {path!r}" if path else "the main graph"
+        if path in paths:
+            raise ModelFormatError(
+                f"{str(p)!r}: two subgraphs get the path {path!r} (node names with '/' spell another node's "
+                "subgraph path); rename one of the nodes holding them"
+            )
+        paths.add(path)
+        node_names = [node.name for node in graph.node]
+        defined = [t.name for t in graph.initializer] + [t.values.name for t in graph.sparse_initializer]
+        inits = len(defined)
+        defined += [out for node in graph.node for out in node.output if out]
+        _check_utf8(graph, [*node_names, *defined], f"{str(p)!r}: a name in {where}")
+        _check_node_names(node_names, f"{str(p)!r}: two nodes of {where}")
+        _check_definitions(graph, defined, inits, f"{str(p)!r}: {{name!r}} is defined twice in {where}")
+
+
+def _check_utf8(graph: onnx.GraphProto, names: list[str], where: str) -> None:
+    """ModelFormatError naming the first of ``names`` or of ``graph``'s input, output and value_info
+    names that is not UTF-8 (``where`` starts the message)."""
+    names = [*names, *(v.name for v in (*graph.input, *graph.output, *graph.value_info))]
+    if bytes in set(map(type, names)):
+        bad = next(n for n in names if isinstance(n, bytes))
+        raise ModelFormatError(f"{where} is not UTF-8 text ({bad!r}); ONNX requires UTF-8 names: give it a "
+                               "UTF-8 name where the model is made")
+
+
+def _check_node_names(names: list[str], where: str) -> None:
+    """ModelFormatError for two nodes of a graph with the same non-empty name (``where`` starts the message).
 
     The ONNX checker allows it, but onnxruntime refuses such a model, and this package names nodes
     (and the subgraphs under them) by their names: a repeated name would make two places one.
     """
-    for path, graph in iter_graphs(model):
-        seen: set[str] = set()
-        for node in graph.node:
-            if node.name in seen:
-                where = f"subgraph {path!r}" if path else "the main graph"
-                raise ModelFormatError(
-                    f"{str(p)!r}: two nodes of {where} are named {node.name!r}; onnxruntime refuses such a "
-                    "model too: give every node a unique name (or none)"
-                )
-            if node.name:
-                seen.add(node.name)
+    named = [name for name in names if name]
+    if len(set(named)) != len(named):
+        raise ModelFormatError(f"{where} are named {_first_repeat(named)!r}; onnxruntime refuses such a model too: "
+                               "give every node a unique name (or none)")
+
+
+def _check_definitions(graph: onnx.GraphProto, defined: list[str], inits: int, message: str) -> None:
+    """ModelFormatError for a value of ``graph`` defined twice (``defined``: its ``inits`` initializer names,
+    then its node outputs; ``message`` formats ``name``). onnxruntime would serve one of them (the first
+    initializer of a name), this package could read the other."""
+    if len(set(defined)) == len(defined):
+        return
+    name = _first_repeat(defined)
+    first = defined.index(name)
+    second = defined.index(name, first + 1)
+    raise ModelFormatError(
+        f"{message.format(name=name)} ({_definers(graph, name, first < inits, second < inits)}); "
+        "onnxruntime reads only one of them: give each initializer and node output a unique name"
+    )
+
+
+def _first_repeat(names: list[str]) -> str:
+    """The first of ``names`` seen before (``names`` has one)."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    raise ValueError("no name is repeated")
+
+
+def _definers(graph: onnx.GraphProto, name: str, *initializer: bool) -> str:
+    """``"two initializers"``, ``"an initializer and an output of node 'n'"``, ``"outputs of nodes 'a', 'b'"``."""
+    if all(initializer):
+        return "two initializers"
+    nodes = [repr(node_label(node, i)) for i, node in enumerate(graph.node) if name in node.output]
+    if any(initializer):
+        return f"an initializer and an output of node {nodes[0]}"
+    return f"outputs of nodes {', '.join(nodes)}" if len(nodes) > 1 else f"two outputs of node {nodes[0]}"
 
 
 def _check_model_path(p: Path) -> None:
@@ -221,19 +291,67 @@ def _walk_graph(path: str, graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.G
 
 def subgraphs(parent: str, index: int, node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
     """The graph attributes of ``node`` (the ``index``-th node of graph ``parent``), with their paths."""
-    prefix = f"{parent}/" if parent else ""
-    label = node_label(node, index)
+    prefix = ""  # made when the node has a graph attribute: most nodes have none
     for attr in node.attribute:
+        if attr.type not in _GRAPH_ATTRIBUTES:
+            continue
+        if not prefix:
+            prefix = f"{parent}/{node_label(node, index)}/" if parent else f"{node_label(node, index)}/"
         if attr.type == onnx.AttributeProto.GRAPH:
-            yield f"{prefix}{label}/{attr.name}", attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield f"{prefix}{attr.name}", attr.g
+        else:
             for i, g in enumerate(attr.graphs):
-                yield f"{prefix}{label}/{attr.name}[{i}]", g
+                yield f"{prefix}{attr.name}[{i}]", g
+
+
+_GRAPH_ATTRIBUTES = frozenset({onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS})
 
 
 def node_label(node: onnx.NodeProto, index: int) -> str:
-    """``node.name``, or ``"<op_type>#<index>"`` for an unnamed node (its position in its graph)."""
-    return node.name or f"{node.op_type}#{index}"
+    """``node.name``, or ``"<op_type>#<index>"`` for an unnamed node (its position in its graph).
+
+    Labels are unique in a graph (node names are, see :func:`load_model`): a name that could be an
+    unnamed node's label, or the escape of one (``"Gather#1"``, ``"Gather#1#"``), gets one more ``#``.
+    """
+    name = node.name
+    if not name:
+        return f"{node.op_type}#{index}"
+    return f"{name}#" if "#" in name and _LABEL_LIKE.fullmatch(name) else name
+
+
+#: names ending like an unnamed node's label (``#<digits>``), or its escape (``#`` appended, again and again)
+_LABEL_LIKE = re.compile(r".*#[0-9]+#*", re.DOTALL)
+
+
+def inline_functions(model: onnx.ModelProto, what: str = "the model") -> onnx.ModelProto:
+    """``model`` with its model-local functions inlined, or ``model`` itself when no node calls one.
+
+    A table read inside a function (``model.functions``) is only visible to the scanner once the
+    function's nodes are in a graph. onnx's inliner keeps the caller's value names and gives the
+    function's own values and nodes unique names (``W`` -> ``W__1``). ``what`` names the model in errors.
+    """
+    if not local_function_calls(model):
+        return model
+    from onnx import inliner
+
+    try:
+        return inliner.inline_local_functions(model)
+    except Exception as exc:  # noqa: BLE001 - the C++ inliner raises plain exceptions of several types
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UnsupportedError(
+            f"{what} calls model-local functions, which must be inlined to find the tables they read, and onnx "
+            f"cannot inline them ({reason}); inline or remove the functions in the exporter"
+        ) from None
+
+
+def local_function_calls(model: onnx.ModelProto) -> list[str]:
+    """``"domain:name"`` of each model-local function a node of a graph calls (each once, in graph order)."""
+    local = {(f.domain, f.name) for f in model.functions}
+    if not local:
+        return []
+    calls = {(n.domain, n.op_type): None for _, g in iter_graphs(model) for n in g.node
+             if (n.domain, n.op_type) in local}
+    return [f"{domain}:{name}" for domain, name in calls]
 
 
 # ---------------------------------------------------------------------------------- paths

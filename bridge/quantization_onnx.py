@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 
 from bridge.errors import InputError, UnsupportedError
-from bridge.onnx_io import initializer_array, iter_graphs
+from bridge.onnx_io import initializer_array
 from bridge.quantization import OUT_DTYPES, Quantization
 from bridge.scan import TableRef, table_tensor
 
@@ -43,21 +43,21 @@ class _Reader:
     ref: TableRef
     base_dir: Path | None
 
-    def array(self, name: str | None) -> np.ndarray | None:
-        """The constant ``name`` (searched in the table's graph, then in every other graph)."""
+    def array(self, info: dict[str, Any], role: str) -> np.ndarray | None:
+        """The constant ``info[role]`` (``"scale"``, ...), None if it names none. It is looked up in the graph
+        the scan found it in, ``info[role + "_graph"]``, which defaults to the table's own graph."""
+        name = info.get(role)
         if not name:
             return None
-        paths = [self.ref.graph] + [p for p, _ in iter_graphs(self.model) if p != self.ref.graph]
-        for path in paths:
-            try:
-                tensor = table_tensor(self.model, replace(self.ref, initializer=name, graph=path))
-            except InputError:
-                continue
-            try:
-                return np.asarray(initializer_array(tensor, self.base_dir))
-            except UnsupportedError as exc:
-                raise self.unsupported(f"its parameter {name!r} cannot be read ({exc})") from exc
-        raise self.unsupported(f"its parameter {name!r} is not a constant of the model")
+        graph = str(info.get(f"{role}_graph", self.ref.graph))
+        try:
+            tensor = table_tensor(self.model, replace(self.ref, initializer=str(name), graph=graph))
+        except InputError:
+            raise self.unsupported(f"its parameter {name!r} is not a constant of graph {graph!r}") from None
+        try:
+            return np.asarray(initializer_array(tensor, self.base_dir))
+        except UnsupportedError as exc:
+            raise self.unsupported(f"its parameter {name!r} cannot be read ({exc})") from exc
 
     def unsupported(self, why: str) -> UnsupportedError:
         return UnsupportedError(
@@ -145,7 +145,7 @@ def _row_scale(reader: _Reader, info: dict[str, Any]) -> Quantization:
 
 def _group_affine(reader: _Reader, info: dict[str, Any]) -> Quantization:
     scale = _required(reader, info, "scale")
-    zero = reader.array(info.get("zero_point"))
+    zero = reader.array(info, "zero_point")
     g_idx = _required(reader, info, "g_idx").astype(np.int64).reshape(-1)
     size = _group_size(reader, g_idx)
     return Quantization("group_affine", scale, zero, group_size=size, out_dtype=_out_dtype(reader, scale))
@@ -161,7 +161,7 @@ def _group_size(reader: _Reader, g_idx: np.ndarray) -> int:
 
 def _dequantize_linear(reader: _Reader, info: dict[str, Any]) -> Quantization:
     scale = _required(reader, info, "scale")
-    zero = reader.array(info.get("zero_point"))
+    zero = reader.array(info, "zero_point")
     out = _dql_out_dtype(reader, scale, info.get("output_dtype"))
     axis = int(info.get("axis", 1))
     if axis not in (-2, -1, 0, 1):
@@ -188,12 +188,17 @@ def _mul_cast(reader: _Reader, info: dict[str, Any]) -> Quantization:
     raise reader.unsupported(f"its scale has shape {list(scale.shape)} (per-tensor, [rows, 1] or [dim] are supported)")
 
 
+def _cast_parameter(reader: _Reader, info: dict[str, Any]) -> Quantization:
+    raise reader.unsupported(f"its {info.get('op')} reads the parameter {info.get('parameter')!r} through a Cast to "
+                             "another type, which the store cannot reproduce")
+
+
 def _flat(zero: np.ndarray | None) -> np.ndarray | None:
     return None if zero is None else zero.reshape(1)
 
 
 def _required(reader: _Reader, info: dict[str, Any], key: str) -> np.ndarray:
-    value = reader.array(info.get(key))
+    value = reader.array(info, key)
     if value is None:
         raise reader.unsupported(f"it names no {key}")
     return value
@@ -208,6 +213,7 @@ _SCHEMES: dict[str, Callable[[_Reader, dict[str, Any]], Quantization]] = {
     "group_affine": _group_affine,
     "dequantize_linear": _dequantize_linear,
     "mul_cast": _mul_cast,
+    "cast_parameter": _cast_parameter,
 }
 
 __all__ = ["quantization_from_ref"]

@@ -7,7 +7,10 @@ tensor data read: a Slice's few inline starts/axes/steps), directly or through t
 scale), and the rows a Gather returns are checked for a dequantization after the lookup (Keras int8,
 int4); the scale and zero point constants of such a table are not reported as tables themselves.
 Subgraphs (Loop/If/Scan bodies) are searched too; an outer-scope constant read inside a body
-counts. One pass over all nodes builds the indexes; each constant's uses are then
+counts; a dequantization's scale and zero point are resolved in the scope of the node reading them
+(recorded as ``quantization["scale_graph"]``, ... where that is not the table's graph). A model that calls
+model-local functions is refused unless they are inlined (:func:`bridge.onnx_io.load_model` inlines
+them). One pass over all nodes builds the indexes; each constant's uses are then
 followed through its consumers only, so the cost is linear in the size of the graph.
 """
 
@@ -25,12 +28,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from bridge.errors import InputError, UnsupportedError
+from bridge.errors import InputError, ModelFormatError, UnsupportedError
 from bridge.onnx_io import (
     ExternalData,
     external_data_info,
     iter_graphs,
     load_model,
+    local_function_calls,
     node_label,
     subgraphs,
     tensor_dtype,
@@ -40,6 +44,7 @@ from bridge.scan_patterns import (
     ROLE_PATTERNS,
     Link,
     Step,
+    attr_int,
     gather_miss_reason,
     match_after_gather,
     match_link,
@@ -155,6 +160,7 @@ def scan(model: onnx.ModelProto | str | os.PathLike[str]) -> list[TableRef]:
 def scan_model(model: onnx.ModelProto | str | os.PathLike[str]) -> ScanResult:
     """Like :func:`scan`, also returning constants gathered as data that are not tables (rank != 2, axis != 0)."""
     proto = model if isinstance(model, onnx.ModelProto) else load_model(model)
+    _check_no_function_calls(proto)
     index = _Index()
     index.add_graph("", proto.graph, ())
     tables: list[tuple[int, TableRef]] = []
@@ -167,16 +173,27 @@ def scan_model(model: onnx.ModelProto | str | os.PathLike[str]) -> ScanResult:
         else:
             rejected.extend(_not_table(const, found))
     tables.sort(key=lambda item: item[0])
-    params = {(ref.graph, name) for _, ref in tables for name in _quantization_params(ref)}
-    kept = tuple(ref for _, ref in tables if (ref.graph, ref.initializer) not in params)
+    params = {key for _, ref in tables for key in _quantization_params(ref)}
+    kept = tuple(ref for _, ref in tables if ref.key not in params)
     return ScanResult(tables=kept, not_tables=tuple(rejected))
 
 
-def _quantization_params(ref: TableRef) -> list[str]:
-    """The scale / zero point constants of ``ref``'s dequantization: parameters, not tables of their own
-    (Keras int4 gathers its ``[rows, groups]`` scale and zero point with the table's ids)."""
+def _check_no_function_calls(model: onnx.ModelProto) -> None:
+    """UnsupportedError when a node calls a model-local function: the tables it reads would be missed."""
+    calls = local_function_calls(model)
+    if calls:
+        raise UnsupportedError(
+            f"the model calls model-local function(s) {', '.join(calls)}, whose nodes the scan does not search; "
+            "inline them first (bridge.onnx_io.inline_functions; load_model does this)"
+        )
+
+
+def _quantization_params(ref: TableRef) -> list[TableKey]:
+    """``(graph path, name)`` of the scale / zero point constants of ``ref``'s dequantization: parameters, not
+    tables of their own (Keras int4 gathers its ``[rows, groups]`` scale and zero point with the table's ids)."""
     quant = ref.quantization or {}
-    return [name for name in (quant.get("scale"), quant.get("zero_point")) if isinstance(name, str)]
+    return [(str(quant.get(f"{role}_graph", ref.graph)), name) for role in ("scale", "zero_point")
+            if isinstance(name := quant.get(role), str)]
 
 
 def table_tensor(model: onnx.ModelProto, ref: TableRef) -> onnx.TensorProto:
@@ -280,6 +297,9 @@ class _Index:
             (out for node in graph.node for out in node.output if out),
         ))
         scope = (*outer, (path, local))
+        if path in self.graphs:
+            raise ModelFormatError(f"two subgraphs get the path {path!r} (node names with '/' spell another node's "
+                                   "subgraph path); rename one of the nodes holding them")
         self.graphs[path], self.scopes[path] = graph, scope
         for tensor in graph.initializer:
             self.consts.setdefault((path, tensor.name), _Const((path, tensor.name), tensor, "initializer"))
@@ -332,18 +352,25 @@ class _Index:
     def producer(self, key: _Key) -> int | None:
         return self.made_by.get(key[0], {}).get(key[1])
 
-    def constant_key(self, scope: _Scope, name: str) -> _Key | None:
-        """The constant that ``name`` is, directly or through Identity/Cast nodes; None otherwise."""
+    def constant_key(self, scope: _Scope, name: str, *, same_type: bool = False) -> _Key | None:
+        """The constant that ``name`` is, directly or through Identity/Cast nodes; None otherwise.
+
+        With ``same_type``, only through Casts to the constant's own type: a dequantization parameter is
+        read as stored, so a Cast that changes it (``Cast(S_f16, to=FLOAT)``) makes it no constant.
+        """
+        casts: set[int] = set()
         for _ in range(_MAX_CHAIN):
             if not name:
                 return None
             key = self.resolve(scope, name)
             if key in self.consts:
-                return key
+                return key if not same_type or casts <= {self.consts[key].tensor.data_type} else None
             seq = self.producer(key)
             if seq is None or self.node_op[seq] not in PASS_THROUGH:
                 return None
             node = self.node(seq)
+            if self.node_op[seq] == "Cast":
+                casts.add(attr_int(node, "to", 0))
             name, scope = (node.input[0] if node.input else ""), self.scopes[self.node_graph[seq]]
         return None
 
@@ -355,9 +382,11 @@ class _View:
     index: _Index
     scope: _Scope
 
-    def constant(self, name: str) -> str | None:
-        key = self.index.constant_key(self.scope, name)
-        return key[1] if key else None
+    def key(self, name: str) -> _Key:
+        return self.index.resolve(self.scope, name)
+
+    def constant(self, name: str) -> _Key | None:
+        return self.index.constant_key(self.scope, name, same_type=True)
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         key = self.index.constant_key(self.scope, name)
@@ -378,13 +407,18 @@ class _View:
         except (ValueError, TypeError):
             return None
 
-    def producer(self, name: str) -> onnx.NodeProto | None:
+    def producer(self, name: str) -> tuple[onnx.NodeProto, _View] | None:
         seq = self.index.producer(self.index.resolve(self.scope, name)) if name else None
-        return None if seq is None else self.index.node(seq)
+        return None if seq is None else (self.index.node(seq), self._at(seq))
 
-    def consumers(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
+    def consumers(self, name: str) -> list[tuple[onnx.NodeProto, int, _View]]:
         pairs = self.index.use_pairs(self.index.resolve(self.scope, name)) if name else []
-        return [(self.index.node(pairs[i]), pairs[i + 1]) for i in range(0, len(pairs), 2)]
+        return [(self.index.node(seq), input_index, self._at(seq))
+                for seq, input_index in zip(pairs[::2], pairs[1::2], strict=True)]
+
+    def _at(self, seq: int) -> _View:
+        """The view of the graph holding node ``seq``."""
+        return _View(self.index, self.index.scopes[self.index.node_graph[seq]])
 
 
 def _constant_value(node: onnx.NodeProto) -> TensorProto | None:
@@ -408,15 +442,14 @@ class _Found:
     miss: str | None = None  # why a Gather on this value is not a row lookup
 
 
-def _step(index: _Index, consumer: _Consumer, via: tuple[str, ...], rank: int) -> Step:
-    return Step(consumer.node, consumer.label, consumer.input_index, via, rank,
-                _View(index, index.scopes[consumer.graph]))
+def _step(index: _Index, consumer: _Consumer, via: tuple[str, ...], const: _Const) -> Step:
+    return Step(consumer.node, consumer.label, consumer.input_index, via, len(const.tensor.dims),
+                _View(index, index.scopes[consumer.graph]), table_graph=const.key[0])
 
 
 def _trace(index: _Index, const: _Const) -> list[_Found]:
     """Follow ``const`` through link nodes; return the gather/slice/tied/other uses ending each chain, in
     graph order, or [] when no chain ends in a Gather or Slice (then nothing else is worth building)."""
-    rank = len(const.tensor.dims)
     ends: dict[tuple[int, int, tuple[str, ...]], dict[str, Any] | None] = {}
     stack: list[tuple[_Key, tuple[str, ...], dict[str, Any] | None]] = [(const.key, (), None)]
     visited = {const.key}
@@ -424,7 +457,7 @@ def _trace(index: _Index, const: _Const) -> list[_Found]:
         key, via, quant = stack.pop()
         pairs = index.use_pairs(key)
         for seq, input_index in zip(pairs[::2], pairs[1::2], strict=True):
-            followed = _follow(index, seq, input_index, via, rank)
+            followed = _follow(index, seq, input_index, via, const)
             if followed is None:
                 ends.setdefault((seq, input_index, via), quant)
             elif followed[0] not in visited:
@@ -433,24 +466,25 @@ def _trace(index: _Index, const: _Const) -> list[_Found]:
                 stack.append((out_key, (*via, link.op), quant or link.quantization))
     if not any(index.node_op[seq] in _READERS for seq, _, _ in ends):
         return []
-    return [_classify(index, index.consumer(seq, i), via, rank, ends[seq, i, via]) for seq, i, via in sorted(ends)]
+    return [_classify(index, index.consumer(seq, i), via, const, ends[seq, i, via]) for seq, i, via in sorted(ends)]
 
 
-def _follow(index: _Index, seq: int, input_index: int, via: tuple[str, ...], rank: int) -> tuple[_Key, Link] | None:
+def _follow(index: _Index, seq: int, input_index: int, via: tuple[str, ...], const: _Const
+            ) -> tuple[_Key, Link] | None:
     """The output the node ``seq`` passes the table on to, and how; None if the chain ends there."""
     if index.node_op[seq] not in LINK_PATTERNS:
         return None
     consumer = index.consumer(seq, input_index)
-    link = match_link(_step(index, consumer, via, rank))
+    link = match_link(_step(index, consumer, via, const))
     out = consumer.node.output[0] if consumer.node.output else ""
     return ((consumer.graph, out), link) if link is not None and out else None
 
 
-def _classify(index: _Index, consumer: _Consumer, via: tuple[str, ...], rank: int,
+def _classify(index: _Index, consumer: _Consumer, via: tuple[str, ...], const: _Const,
               quant: dict[str, Any] | None) -> _Found:
     if consumer.op_type not in ROLE_PATTERNS:
         return _Found(consumer, via, "other", quant)
-    step = _step(index, consumer, via, rank)
+    step = _step(index, consumer, via, const)
     role = match_role(step)
     if role == "slice":
         return _Found(consumer, via, role, quant)

@@ -14,7 +14,7 @@ by a scale, both ``[rows, groups]`` and gathered with the same ids).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,13 +25,19 @@ from bridge.errors import UnsupportedError
 from bridge.onnx_io import tensor_dtype
 
 _DEFAULT_DOMAINS = frozenset({"", "ai.onnx"})
+ValueKey = tuple[str, str]  # (path of the graph defining a value, its name)
 
 
 class GraphView(Protocol):
-    """Read-only queries on the graph around a node, names resolved in that node's scope."""
+    """Read-only queries on the graph around a node, names resolved in that node's scope (ONNX outer-scope
+    rules: the innermost enclosing graph defining a name)."""
 
-    def constant(self, name: str) -> str | None:
-        """The constant (initializer or ``Constant`` output) ``name`` is, through Identity/Cast; or None."""
+    def key(self, name: str) -> ValueKey:
+        """Where the value ``name`` is defined: ``(graph path, name)``."""
+
+    def constant(self, name: str) -> ValueKey | None:
+        """The constant (initializer or ``Constant`` output) ``name`` is, through Identity and Casts that keep
+        its type (its values reach the node as stored); or None."""
 
     def constant_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of :meth:`constant` ``(name)``, or None if ``name`` is not a constant."""
@@ -39,18 +45,20 @@ class GraphView(Protocol):
     def constant_value(self, name: str) -> np.ndarray | None:
         """The value of :meth:`constant` ``(name)`` if it is small (a few elements, stored inline), else None."""
 
-    def producer(self, name: str) -> onnx.NodeProto | None:
-        """The node whose output is ``name``, or None (graph input, initializer, unknown)."""
+    def producer(self, name: str) -> tuple[onnx.NodeProto, GraphView] | None:
+        """The node whose output is ``name`` with the view of its own graph, or None (graph input,
+        initializer, unknown)."""
 
-    def consumers(self, name: str) -> list[tuple[onnx.NodeProto, int]]:
-        """The nodes reading ``name``, with the input index they read it at."""
+    def consumers(self, name: str) -> Sequence[tuple[onnx.NodeProto, int, GraphView]]:
+        """The nodes reading ``name``, with the input index they read it at and the view of their graph."""
 
 
 @dataclass(frozen=True)
 class Step:
     """A node reading a table-derived value at ``input_index``, reached through ``via``.
 
-    ``rank`` is the table's rank; ``view`` answers questions about the node's surroundings.
+    ``rank`` is the table's rank; ``view`` answers questions about the node's surroundings;
+    ``table_graph`` is the path of the graph defining the table.
     """
 
     node: onnx.NodeProto
@@ -59,6 +67,7 @@ class Step:
     via: tuple[str, ...]
     rank: int
     view: GraphView
+    table_graph: str = ""
 
 
 @dataclass(frozen=True)
@@ -79,6 +88,18 @@ def attr_int(node: onnx.NodeProto, name: str, default: int) -> int:
 
 def _is(step: Step, op_type: str, domains: frozenset[str] = _DEFAULT_DOMAINS) -> bool:
     return step.node.op_type == op_type and step.node.domain in domains
+
+
+def params(step: Step, **found: ValueKey | None) -> dict[str, str | None]:
+    """The constants of a dequantization as a table's ``quantization`` names them: ``{role: name}``, plus
+    ``{role + "_graph": path}`` where the constant is defined in another graph than the table (a branch's
+    own scale, an outer-scope one)."""
+    named: dict[str, str | None] = {}
+    for role, key in found.items():
+        named[role] = key[1] if key else None
+        if key and key[0] != step.table_graph:
+            named[f"{role}_graph"] = key[0]
+    return named
 
 
 # ------------------------------------------------------------------------- links
@@ -103,8 +124,8 @@ def dequantize_linear(step: Step) -> Link | None:
     scale = step.view.constant(inputs[1]) if inputs[1] else None
     zero_point = step.view.constant(inputs[2]) if inputs[2] else None
     if scale is None or (inputs[2] and zero_point is None):
-        return None
-    quant: dict[str, Any] = {"scheme": "dequantize_linear", "scale": scale, "zero_point": zero_point,
+        return _cast_parameter(step, inputs[1:3])
+    quant: dict[str, Any] = {"scheme": "dequantize_linear", **params(step, scale=scale, zero_point=zero_point),
                              "axis": attr_int(step.node, "axis", 1)}
     block_size = attr_int(step.node, "block_size", 0)
     if block_size:
@@ -131,7 +152,22 @@ def mul_scale_after_cast(step: Step) -> Link | None:
         return None
     other = step.node.input[1 - step.input_index]
     scale = step.view.constant(other)
-    return Link("Mul", {"scheme": "mul_cast", "scale": scale}) if scale is not None else None
+    return Link("Mul", {"scheme": "mul_cast", **params(step, scale=scale)}) if scale is not None else \
+        _cast_parameter(step, [other])
+
+
+def _cast_parameter(step: Step, names: Sequence[str]) -> Link | None:
+    """A link that marks the table's dequantization unsupported (scheme ``"cast_parameter"``) when one of the
+    ``names`` it reads is a constant only through a Cast to another type; None when none is.
+
+    The Cast would change the parameter the store keeps (its dtype, perhaps its values): the table must be
+    refused, not left out (an unrecognised dequantization hides it) nor served with the stored parameter.
+    """
+    view = step.view
+    cast = next((n for n in names if n and view.constant(n) is None and view.constant_shape(n) is not None), None)
+    if cast is None:
+        return None
+    return Link(step.node.op_type, {"scheme": "cast_parameter", "op": step.node.op_type, "parameter": cast})
 
 
 #: Link patterns by op type, tried in order; the first that matches wins.
@@ -234,54 +270,70 @@ def match_role(step: Step) -> str:
 
 
 _RESHAPES = frozenset({"Unsqueeze", "Reshape", "Expand", "Identity"})
+_CASTS = frozenset({"Cast", "Identity"})
 
 
-def _row_scale(graph: GraphView, name: str, ids: str) -> str | None:
-    """The rank-1 constant ``S`` if ``name`` is ``Gather(S, ids)``, possibly reshaped; else None."""
-    node = graph.producer(name)
+def _producer_through(graph: GraphView, name: str, ops: frozenset[str]) -> tuple[onnx.NodeProto, GraphView] | None:
+    """The producer of ``name`` past up to 8 nodes of ``ops`` (following their first input), with its view."""
+    found = graph.producer(name)
     for _ in range(8):
-        if node is None or node.op_type not in _RESHAPES or not node.input:
+        if found is None or found[0].op_type not in ops or not found[0].input:
             break
-        node = graph.producer(node.input[0])
-    if node is None or node.op_type != "Gather" or list(node.input[1:2]) != [ids]:
+        found = found[1].producer(found[0].input[0])
+    return found
+
+
+def _row_scale(graph: GraphView, name: str, ids: ValueKey) -> ValueKey | None:
+    """The rank-1 constant ``S`` if ``name`` is ``Gather(S, ids)``, possibly reshaped; else None."""
+    found = _producer_through(graph, name, _RESHAPES)
+    if found is None:
         return None
-    scale = graph.constant(node.input[0])
-    return scale if scale is not None and len(graph.constant_shape(scale) or ()) == 1 else None
+    node, view = found
+    if node.op_type != "Gather" or len(node.input) < 2 or view.key(node.input[1]) != ids:
+        return None
+    scale = view.constant(node.input[0])
+    return scale if scale is not None and len(view.constant_shape(node.input[0]) or ()) == 1 else None
 
 
-def _consumers_of_cast_rows(step: Step) -> Iterator[tuple[onnx.NodeProto, int, str]]:
-    """``(consumer, input index, ids)`` for every consumer of a ``Cast`` of the rows ``step.node`` gathers."""
+def _consumers_of_cast_rows(step: Step) -> Iterator[tuple[onnx.NodeProto, int, GraphView, ValueKey]]:
+    """``(consumer, input index, its view, ids)`` for every consumer of a ``Cast`` of the rows ``step.node``
+    gathers; ``ids`` is where the Gather's ids are defined."""
     if len(step.node.input) < 2 or not step.node.output:
         return
-    for cast_node, _ in step.view.consumers(step.node.output[0]):
+    ids = step.view.key(step.node.input[1])
+    for cast_node, _, cast_view in step.view.consumers(step.node.output[0]):
         if cast_node.op_type == "Cast" and cast_node.output:
-            for consumer, index in step.view.consumers(cast_node.output[0]):
-                yield consumer, index, step.node.input[1]
+            for consumer, index, view in cast_view.consumers(cast_node.output[0]):
+                yield consumer, index, view, ids
 
 
 def keras_row_scale(step: Step) -> dict[str, Any] | None:
     """Keras int8: ``Cast(Gather(Q, ids)) / Unsqueeze(Gather(S, ids))`` (or ``*``), ``S`` of shape [rows]."""
-    for op_node, index, ids in _consumers_of_cast_rows(step):
+    for op_node, index, view, ids in _consumers_of_cast_rows(step):
         if op_node.op_type not in ("Div", "Mul") or (op_node.op_type == "Div" and index != 0):
             continue
-        scale = _row_scale(step.view, op_node.input[1 - index], ids)
+        scale = _row_scale(view, op_node.input[1 - index], ids)
         if scale is not None:
-            return {"scheme": "row_scale", "op": op_node.op_type, "scale": scale}
+            return {"scheme": "row_scale", "op": op_node.op_type, **params(step, scale=scale)}
     return None
 
 
-def _grouped_param(graph: GraphView, name: str, ids: str) -> tuple[str, str] | None:
+def _grouped_param(graph: GraphView, name: str, ids: ValueKey) -> tuple[ValueKey, ValueKey] | None:
     """``(P, g_idx)`` if ``name`` is ``Gather(Gather(P, ids), g_idx, axis=-1)`` (through Cast), ``P`` of rank 2."""
-    node = graph.producer(name)
-    while node is not None and node.op_type in ("Cast", "Identity") and node.input:
-        node = graph.producer(node.input[0])
-    if node is None or node.op_type != "Gather" or len(node.input) < 2 or attr_int(node, "axis", 0) not in (1, -1):
+    found = _producer_through(graph, name, _CASTS)
+    if found is None or found[0].op_type != "Gather" or len(found[0].input) < 2 or \
+            attr_int(found[0], "axis", 0) not in (1, -1):
         return None
-    g_idx, inner = graph.constant(node.input[1]), graph.producer(node.input[0])
-    if g_idx is None or inner is None or inner.op_type != "Gather" or list(inner.input[1:2]) != [ids]:
+    node, view = found
+    g_idx, inner = view.constant(node.input[1]), view.producer(node.input[0])
+    if g_idx is None or inner is None:
         return None
-    param = graph.constant(inner.input[0]) if attr_int(inner, "axis", 0) == 0 else None
-    return (param, g_idx) if param is not None and len(graph.constant_shape(param) or ()) == 2 else None
+    gather, inner_view = inner
+    if gather.op_type != "Gather" or len(gather.input) < 2 or inner_view.key(gather.input[1]) != ids or \
+            attr_int(gather, "axis", 0) != 0:
+        return None
+    param = inner_view.constant(gather.input[0])
+    return (param, g_idx) if param is not None and len(inner_view.constant_shape(gather.input[0]) or ()) == 2 else None
 
 
 def keras_group_affine(step: Step) -> dict[str, Any] | None:
@@ -290,14 +342,14 @@ def keras_group_affine(step: Step) -> dict[str, Any] | None:
     ``Z`` (int8) and ``S`` (float) are ``[rows, groups]`` constants, each read as
     ``Gather(Gather(P, ids), g_idx, axis=-1)`` with one constant ``g_idx`` (the group of each column).
     """
-    for sub, index, ids in _consumers_of_cast_rows(step):
-        zero = _grouped_param(step.view, sub.input[1], ids) if sub.op_type == "Sub" and index == 0 else None
+    for sub, index, view, ids in _consumers_of_cast_rows(step):
+        zero = _grouped_param(view, sub.input[1], ids) if sub.op_type == "Sub" and index == 0 else None
         if zero is None or not sub.output:
             continue
-        for mul, m_index in step.view.consumers(sub.output[0]):
-            scale = _grouped_param(step.view, mul.input[1 - m_index], ids) if mul.op_type == "Mul" else None
+        for mul, m_index, mul_view in view.consumers(sub.output[0]):
+            scale = _grouped_param(mul_view, mul.input[1 - m_index], ids) if mul.op_type == "Mul" else None
             if scale is not None and scale[1] == zero[1]:
-                return {"scheme": "group_affine", "scale": scale[0], "zero_point": zero[0], "g_idx": zero[1]}
+                return {"scheme": "group_affine", **params(step, scale=scale[0], zero_point=zero[0], g_idx=zero[1])}
     return None
 
 
