@@ -3,12 +3,17 @@
 ``Gather(table, f(ids))`` in the main graph is replaced by ``Identity(<table>__vectors)``, a new
 graph input; the bridge computes the vectors once (``bridge.backends.lookup`` over the shared
 store) and feeds them to every model that uses the table. Only gathers whose index computation
-``f`` is provably reproduced by an index policy are cut: ``f`` must be elementwise on a single
-graph input (Identity, Cast, comparisons, arithmetic with scalar constants, Where, ...), and on
+``f`` an index policy reproduces are cut: ``f`` must be elementwise on a single
+graph input (Identity, Cast, comparisons, arithmetic with scalar constants, Where, ...), on
 every id in ``[-rows, rows)`` the row it finally selects (after Gather's own negative wrap) must be
-the ``wrap`` policy's row. This is checked by running ``f`` in onnxruntime on all those ids. The
-Keras negative-index wrap and a plain ``Gather(W, ids)`` both pass; anything else is left in the
-model (the table is then read from the store as external data) and the reason recorded.
+the ``wrap`` policy's row, and on ids outside that range (which a cut lookup refuses) it must select
+no row (so ``Gather(W, Mod(ids, rows))``, the hashing trick, is not cut). This is checked by running
+``f`` in onnxruntime on every id in the range and on probes outside it (:func:`_outside_ids`; ids in
+``[-2 * rows, -rows)`` are not required to fail, as the Keras wrap serves them). The Keras
+negative-index wrap and a plain ``Gather(W, ids)`` both pass; anything else is left in the
+model (the table is then read from the store as external data) and the reason recorded. A table or
+scalar constant that is also a graph input (IR >= 4) can be overridden by the caller, so its
+lookups are not cut (:func:`overridable_initializers`).
 
 Every cut model carries its cuts as JSON in its ``metadata_props`` (key :data:`CUT_KEY`), so
 :class:`CutModel` can feed it from the original model's inputs.
@@ -87,6 +92,9 @@ def cut_gathers(model: onnx.ModelProto, cuts: Sequence[TableCut]) -> tuple[list[
                 kept.append(f"table {cut.table!r}, {label}: not a node of the main graph")
                 continue
             node = graph.node[labels[label]]
+            if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+                kept.append(f"table {cut.table!r}, {label}: the node is a {node.op_type}, not a Gather(table, ids)")
+                continue
             try:
                 ids_input, chain = index_source(model, node.input[1], cut.shape[0])
             except UnsupportedError as exc:
@@ -188,12 +196,14 @@ def index_source(model: onnx.ModelProto, indices: str, rows: int) -> tuple[str, 
     """The graph input that ``indices`` is computed from, and the values of that computation.
 
     Raises :class:`UnsupportedError` unless ``indices`` is an elementwise function of exactly one
-    main-graph input (plus scalar constants) whose rows on ``[-rows, rows)`` equal the ``wrap`` policy's.
+    main-graph input (plus scalar constants no caller can override) whose rows on ``[-rows, rows)``
+    equal the ``wrap`` policy's and which selects no row for the probed ids outside that range.
     """
     graph = model.graph
     producers = {o: i for i, n in enumerate(graph.node) for o in n.output}
     inputs = {v.name for v in graph.input} - {t.name for t in graph.initializer}
     consts = {t.name: t for t in graph.initializer}
+    overridable = overridable_initializers(model)
     chain: set[str] = set()
     nodes: set[int] = set()
     sources: set[str] = set()
@@ -207,6 +217,9 @@ def index_source(model: onnx.ModelProto, indices: str, rows: int) -> tuple[str, 
             sources.add(name)
         elif name in consts:
             _check_scalar(consts[name], name)
+            if name in overridable:
+                raise UnsupportedError(f"the ids are combined with {name!r}, an initializer that is also a graph "
+                                       "input: a caller may override it, and a cut would not see that")
         elif name in producers:
             node = graph.node[producers[name]]
             _check_elementwise(node)
@@ -220,6 +233,18 @@ def index_source(model: onnx.ModelProto, indices: str, rows: int) -> tuple[str, 
     if nodes:
         _probe(model, source, indices, [graph.node[i] for i in sorted(nodes)], consts, rows)
     return source, chain
+
+
+def overridable_initializers(model: onnx.ModelProto) -> set[str]:
+    """Main-graph initializers a caller may override by feeding them: those also listed as graph inputs.
+
+    onnxruntime honours such a feed from IR version 4 on (before, every initializer is listed as an
+    input and none can be fed).
+    """
+    if model.ir_version < 4:
+        return set()
+    inputs = {v.name for v in model.graph.input}
+    return {t.name for t in model.graph.initializer if t.name in inputs}
 
 
 def _check_elementwise(node: onnx.NodeProto) -> None:
@@ -241,7 +266,29 @@ def _check_scalar(tensor: TensorProto, name: str) -> None:
 
 def _probe(model: onnx.ModelProto, source: str, indices: str, nodes: Sequence[onnx.NodeProto],
            consts: Mapping[str, TensorProto], rows: int) -> None:
-    """Run the index computation on every id in ``[-rows, rows)``; it must select the ``wrap`` row."""
+    """Run the index computation on ids in and out of ``[-rows, rows)``; the cut must serve what the original does.
+
+    Every id in ``[-rows, rows)`` must select the ``wrap`` policy's row. A cut lookup refuses any
+    other id (:class:`~bridge.errors.IdError`), so no probed id outside must select a row either
+    (``Mod``, ``Clip``, ``Min``, a narrowing ``Cast`` ... fold large ids into the table).
+    """
+    session, in_dtype = _probe_session(model, source, indices, nodes, consts)
+    if in_dtype.kind not in "iu" or np.iinfo(in_dtype).max < rows - 1:
+        raise UnsupportedError(f"the ids input {source!r} has dtype {in_dtype}, which cannot hold every row id")
+    for start in range(max(-rows, int(np.iinfo(in_dtype).min)), rows, _PROBE_CHUNK):
+        ids = np.arange(start, min(start + _PROBE_CHUNK, rows), dtype=np.int64)
+        row = _selected_rows(session, source, in_dtype, ids, rows)
+        want = np.where(ids < 0, ids + rows, ids)
+        if not np.array_equal(row, want):
+            bad = int(ids[np.argmax(row != want)])
+            raise UnsupportedError(f"the index computation maps id {bad} to row {int(row[ids == bad][0])}, "
+                                   "not the 'wrap' policy's row")
+    _probe_outside(session, source, in_dtype, rows)
+
+
+def _probe_session(model: onnx.ModelProto, source: str, indices: str, nodes: Sequence[onnx.NodeProto],
+                   consts: Mapping[str, TensorProto]) -> tuple[Any, np.dtype[Any]]:
+    """An onnxruntime session computing ``indices`` from ``source`` alone, and the dtype of ``source``."""
     import onnxruntime as ort
 
     elem = next(v for v in model.graph.input if v.name == source).type.tensor_type.elem_type
@@ -257,18 +304,45 @@ def _probe(model: onnx.ModelProto, source: str, indices: str, nodes: Sequence[on
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     session = ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    in_dtype = tensor_dtype(elem)
-    if in_dtype.kind not in "iu" or np.iinfo(in_dtype).max < rows - 1:
-        raise UnsupportedError(f"the ids input {source!r} has dtype {in_dtype}, which cannot hold every row id")
-    for start in range(max(-rows, int(np.iinfo(in_dtype).min)), rows, _PROBE_CHUNK):
-        ids = np.arange(start, min(start + _PROBE_CHUNK, rows), dtype=np.int64)
-        got = session.run(None, {source: ids.astype(in_dtype)})[0].astype(np.int64)
-        row = np.where(got < 0, got + rows, got)
-        want = np.where(ids < 0, ids + rows, ids)
-        if not np.array_equal(row, want):
-            bad = int(ids[np.argmax(row != want)])
-            raise UnsupportedError(f"the index computation maps id {bad} to row {int(row[ids == bad][0])}, "
-                                   "not the 'wrap' policy's row")
+    return session, tensor_dtype(elem)
+
+
+def _selected_rows(session: Any, source: str, in_dtype: np.dtype[Any], ids: np.ndarray, rows: int) -> np.ndarray:
+    """The row Gather selects for each of ``ids`` (after its own negative wrap); out of ``[0, rows)``: none."""
+    got = session.run(None, {source: ids.astype(in_dtype)})[0].astype(np.int64)
+    return np.where(got < 0, got + rows, got)
+
+
+def _probe_outside(session: Any, source: str, in_dtype: np.dtype[Any], rows: int) -> None:
+    """No probed id outside ``[-rows, rows)`` may select a row: the cut refuses those ids (IdError)."""
+    ids = _outside_ids(in_dtype, rows)
+    row = _selected_rows(session, source, in_dtype, ids, rows)
+    served = (row >= 0) & (row < rows)
+    if served.any():
+        bad = int(np.argmax(served))
+        raise UnsupportedError(f"the index computation maps id {int(ids[bad])} (outside [-{rows}, {rows})) to row "
+                               f"{int(row[bad])}: the original model serves that id, a cut lookup would refuse it")
+
+
+def _outside_ids(dtype: np.dtype[Any], rows: int) -> np.ndarray:
+    """Ids of ``dtype`` outside ``[-rows, rows)`` to probe: just past the table, powers of two, extremes, random.
+
+    Ids in ``[-2 * rows, -rows)`` are left out: the Keras negative-id wrap (``ids + rows`` where
+    ``ids < 0``) sends them through Gather's own wrap a second time, while the cut refuses them.
+    The type's minimum is left out too (integer ``Div(min, -1)`` traps in onnxruntime).
+    """
+    info = np.iinfo(dtype)
+    low, high = max(int(info.min) + 1, -(2**63) + 1), min(int(info.max), 2**63 - 1)
+    near = [rows * k + d for k in (1, 2, 3) for d in (-1, 0, 1)]
+    powers = [2**k + d for k in range(1, 63) for d in (-1, 0, 1)] + [2**63 - 1]
+    rng = np.random.default_rng(0)
+    spread = [int(x) for x in rng.integers(rows, high, size=256, endpoint=True)] if rows <= high else []
+    if low < -2 * rows:
+        spread += [int(x) for x in rng.integers(low, -2 * rows, size=256)]
+    positive = [p for p in near + powers if p >= rows]
+    found = {i for i in positive + [-p for p in positive] + spread + [low, high]
+             if low <= i <= high and (i >= rows or i < -2 * rows)}
+    return np.array(sorted(found, key=abs), dtype=np.int64)  # the first failing id reported is the plainest
 
 
 # ------------------------------------------------------------------------------ feeding
@@ -286,7 +360,8 @@ class CutModel:
                  lookups: dict[tuple[str, str], Any] | None = None) -> None:
         self.session = session
         self.specs = cut_specs(session.get_modelmeta().custom_metadata_map)
-        self._inputs = {i.name for i in session.get_inputs()}
+        overridable = session.get_overridable_initializers()  # fed like inputs, but not among get_inputs()
+        self._inputs = {i.name for i in (*session.get_inputs(), *overridable)}
         self._lookups = lookups if lookups is not None else {}
         for spec in self.specs:
             key = (spec.table, spec.policy)
@@ -295,7 +370,11 @@ class CutModel:
 
     def feeds(self, feeds: Mapping[str, Any], vectors: dict[tuple[str, str, str], np.ndarray] | None = None
               ) -> dict[str, Any]:
-        """The cut model's feeds from the original model's ``feeds``; ``vectors`` caches lookups across models."""
+        """The cut model's feeds from the original model's ``feeds``; ``vectors`` caches lookups across models.
+
+        Feeds the cut model does not take (ids consumed only by cut lookups) are left out; an
+        overridable initializer the session still has is fed.
+        """
         cache = vectors if vectors is not None else {}
         out = {k: v for k, v in feeds.items() if k in self._inputs}
         for spec in self.specs:

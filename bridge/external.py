@@ -160,13 +160,18 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
     for path, graph in iter_graphs(model):
         for tensor in graph.initializer:
             yield path, tensor
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield path, attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    for t in attr.tensors:
-                        yield path, t
+        for tensor in _attribute_tensors(graph):
+            yield path, tensor
+
+
+def _attribute_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    """The tensor attributes (``Constant`` values, ...) of ``graph``'s own nodes."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
 
 
 def external_tensors(model: onnx.ModelProto) -> list[tuple[str, TensorProto, ExternalData]]:
@@ -208,12 +213,14 @@ def move_external_tensors(
     *,
     skip: frozenset[tuple[str, str]] = frozenset(),
 ) -> int:
-    """Copy every external tensor of ``model`` (except ``(graph path, name)`` in ``skip``) into one data file.
+    """Copy every external tensor of ``model`` (except initializers ``(graph path, name)`` in ``skip``) into one file.
 
-    The data are read from ``src_dir`` (paths confined there), written 64-byte aligned to
-    ``dest_dir / location`` and the tensors re-pointed at it. Returns the bytes written (0: no file).
+    ``skip`` names initializers only: a tensor attribute (a ``Constant``'s value) with the same name
+    is still moved. The data are read from ``src_dir`` (paths confined there), written 64-byte
+    aligned to ``dest_dir / location`` and the tensors re-pointed at it. Returns the bytes written
+    (0: no file).
     """
-    moving = [t for path, t, _ in external_tensors(model) if (path, t.name) not in skip]
+    moving = [t for t in _tensors_outside_skip(model, skip) if external_data_info(t) is not None]
     if not moving:
         return 0
     check_location(location)
@@ -230,6 +237,13 @@ def move_external_tensors(
         fh.flush()
         os.fsync(fh.fileno())
     return written
+
+
+def _tensors_outside_skip(model: onnx.ModelProto, skip: frozenset[tuple[str, str]]) -> Iterator[TensorProto]:
+    """Every tensor of ``model`` but the initializers ``(graph path, name)`` in ``skip``."""
+    for path, graph in iter_graphs(model):
+        yield from (t for t in graph.initializer if (path, t.name) not in skip)
+        yield from _attribute_tensors(graph)
 
 
 def _copy_array(fh: Any, array: np.ndarray) -> int:

@@ -29,7 +29,7 @@ import onnx
 from bridge import dtypes
 from bridge import manifest as mf
 from bridge.atomic import atomic_directory, check_output_dir
-from bridge.cut import CUT_KEY, CutModel, CutSpec, TableCut, cut_gathers, feed_cut_model
+from bridge.cut import CUT_KEY, CutModel, CutSpec, TableCut, cut_gathers, feed_cut_model, overridable_initializers
 from bridge.errors import InputError, UnsupportedError
 from bridge.external import (
     check_external_locations,
@@ -67,12 +67,13 @@ class SharedModel:
     kept: tuple[str, ...] = ()
     data_file: str | None = None
     check: CheckResult = CheckResult(None, "not checked")
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"source": self.source, "source_sha256": self.source_sha256, "file": self.file,
                 "tables": dict(self.tables),
                 "cut": [c.to_json() for c in self.cut], "kept": list(self.kept), "data_file": self.data_file,
-                **self.check.to_json()}
+                **self.check.to_json(), "warnings": list(self.warnings)}
 
 
 @dataclass(frozen=True)
@@ -287,13 +288,11 @@ def _source_bytes(src: _Source) -> int:
 
 def _write_model(src: _Source, staging: Path, store: Store, stem: str, cut: bool, verify: bool) -> SharedModel:
     inputs = model_inputs(src.model)
+    warnings = _overridable_warnings(src)  # before the model is rewritten in place
     model = src.model
     data_file = f"{stem}.onnx.data"
-    moved = move_external_tensors(model, src.path.parent, staging, data_file, skip=frozenset(src.tables))
-    for ref in src.refs:
-        entry = store.entry(src.tables[(ref.graph, ref.initializer)])
-        point_initializer_at_file(model, ref.initializer, entry["file"], entry["data_offset"], entry["nbytes"],
-                                  entry["shape"], dtypes.from_name(entry["dtype"]), graph=ref.graph)
+    pointed = _point_tables(model, src, store)  # first: a Constant's table becomes an initializer, never copied
+    moved = move_external_tensors(model, src.path.parent, staging, data_file, skip=pointed)
     specs, kept = _cut(model, src, store) if cut else ([], [])
     rel = f"{stem}.onnx"
     save_model(model, staging / rel)
@@ -303,7 +302,24 @@ def _write_model(src: _Source, staging: Path, store: Store, stem: str, cut: bool
         check = check_rewrite(src.path, inputs, lambda feeds: _run(staging / rel, store, bool(specs), feeds), rows)
     tables = {ref.initializer: src.tables[(ref.graph, ref.initializer)] for ref in src.refs}
     return SharedModel(source=str(src.path), source_sha256=file_sha256(src.path), file=rel, tables=tables,
-                       cut=tuple(specs), kept=tuple(kept), data_file=data_file if moved else None, check=check)
+                       cut=tuple(specs), kept=tuple(kept), data_file=data_file if moved else None, check=check,
+                       warnings=tuple(warnings))
+
+
+def _point_tables(model: onnx.ModelProto, src: _Source, store: Store) -> frozenset[tuple[str, str]]:
+    """Point every table of ``model`` at its store file; return the ``(graph, initializer)`` now reading the store.
+
+    A table held in a ``Constant`` node reads it through a new initializer (``<name>__data``), so the
+    names returned are those of the rewritten initializers, not always the tables' own.
+    """
+    pointed = set()
+    for ref in src.refs:
+        entry = store.entry(src.tables[(ref.graph, ref.initializer)])
+        tensor = point_initializer_at_file(model, ref.initializer, entry["file"], entry["data_offset"],
+                                           entry["nbytes"], entry["shape"], dtypes.from_name(entry["dtype"]),
+                                           graph=ref.graph)
+        pointed.add((ref.graph, tensor.name))
+    return frozenset(pointed)
 
 
 def _run(path: Path, store: Store, cut: bool, feeds: Any) -> list[Any]:
@@ -311,14 +327,27 @@ def _run(path: Path, store: Store, cut: bool, feeds: Any) -> list[Any]:
     return CutModel(session, store).run(None, feeds) if cut else session.run(None, feeds)
 
 
+def _overridable_warnings(src: _Source) -> list[str]:
+    """A warning for each table whose initializer is also a graph input (callers may feed their own values)."""
+    overridable = overridable_initializers(src.model)
+    return [f"table {src.tables[(ref.graph, ref.initializer)]!r}: initializer {ref.initializer!r} of "
+            f"{str(src.path)!r} is also a graph input, so callers may override it; the model still honours an "
+            "override, but the store (and every lookup from it) holds the model's default values"
+            for ref in src.refs if ref.graph == "" and ref.initializer in overridable]
+
+
 def _cut(model: onnx.ModelProto, src: _Source, store: Store) -> tuple[list[CutSpec], list[str]]:
     plan, kept = [], []
+    overridable = overridable_initializers(model)
     for ref in src.refs:
         name = src.tables[(ref.graph, ref.initializer)]
         ok = [u.node for u in ref.gathers if ref.graph == "" and u.graph == "" and set(u.via) <= _CUTTABLE_VIA]
         kept += [f"table {name!r}, {u.node}: the lookup is in a subgraph or goes through {', '.join(u.via)}"
                  for u in ref.gathers if u.node not in ok]
-        if ok and ref.quantization is not None:
+        if ok and ref.graph == "" and ref.initializer in overridable:
+            kept += [f"table {name!r}, {node}: initializer {ref.initializer!r} is also a graph input, so a caller "
+                     "may override it, and a cut lookup would serve the stored values instead" for node in ok]
+        elif ok and ref.quantization is not None:
             kept += [f"table {name!r}, {node}: the model dequantizes the rows it gathers" for node in ok]
         elif ok:
             plan.append(TableCut(table=name, gathers=tuple(ok),

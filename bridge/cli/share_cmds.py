@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from bridge.cli.common import add_json, add_output, emit_json, note, say
+from bridge.cli.common import add_json, add_output, emit_json, note, say, wrote
 from bridge.render import format_table, human_bytes
 
 
@@ -34,6 +34,7 @@ def run_share(args: argparse.Namespace) -> int:
 
     note(f"sharing the tables of {len(args.models)} model(s) ...")
     result = share(args.models, args.out, force=args.force, cut=args.cut, verify=not args.no_verify)
+    wrote(args.out)
     if args.json:
         emit_json(result.to_json())
         return 0
@@ -51,6 +52,8 @@ def run_share(args: argparse.Namespace) -> int:
     for m in result.models:
         for reason in m.kept:
             say(f"note: {m.file}: lookup kept in the model: {reason}")
+        for warning in m.warnings:
+            say(f"warning: {m.file}: {warning}")
     say(f"\n{human_bytes(result.source_bytes)} of models -> {human_bytes(result.shared_bytes)} shared, "
         f"in {result.store.path}/")
     return 0
