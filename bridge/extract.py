@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from bridge.atomic import check_output_dir
+from bridge.cut import overridable_initializers
 from bridge.external import check_external_locations
 from bridge.npyio import file_sha256
 from bridge.onnx_casts import ModelGraphs, has_cast, served_data
@@ -49,9 +50,12 @@ def tables_from_onnx(
     mapped tables back to layers); other tables are named after their initializer. A table the
     model dequantizes (Keras int8/int4, DequantizeLinear, Mul by a scale) keeps its integer data
     and gets a :class:`~bridge.quantization.Quantization` read from the model's scale / zero point.
-    A table the model casts before its lookup holds the cast values (see the module docstring).
+    A table the model casts before its lookup holds the cast values (see the module docstring). A table
+    whose initializer is also a graph input, which callers may override, holds the model's default
+    values and is marked ``metadata["onnx"]["overridable"]``.
     """
     pairs = read_tables(model, base_dir)
+    overridable = overridable_initializers(model)
     ties = find_ties(model, [ref for ref, _ in pairs], base_dir, arrays={ref.key: d for ref, d in pairs})
     graphs = ModelGraphs(model) if any(has_cast(ref) for ref, _ in pairs) else None
     taken: set[str] = set()
@@ -60,7 +64,8 @@ def tables_from_onnx(
         name = (names or {}).get(ref.initializer) or default_table_name(ref.initializer, taken)
         taken.add(name)
         served, cast = served_data(model, ref, data, graphs)
-        onnx_info = {**ref.to_json(), **({"cast": cast} if cast else {})}
+        onnx_info = {**ref.to_json(), **({"cast": cast} if cast else {}),
+                     **({"overridable": True} if not ref.graph and ref.initializer in overridable else {})}
         tables.append(EmbeddingTable(
             name=name, data=served, sources=tuple((sources or {}).get(ref.initializer, ())),
             initializer=ref.initializer, metadata={"onnx": onnx_info, "ties": ties_json(ties[ref.key])},

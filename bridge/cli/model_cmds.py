@@ -137,6 +137,10 @@ def run_extract(args: argparse.Namespace) -> int:
 
     store = extract(args.model, args.out, force=args.force)
     wrote(args.out)
+    for name in store:
+        if (store.entry(name).get("metadata") or {}).get("onnx", {}).get("overridable"):
+            note(f"warning: table {name!r}: its initializer is also a graph input, which callers may override; "
+                 "the store holds the model's default values")
     if args.json:
         emit_json(store_summary(store))
         return 0

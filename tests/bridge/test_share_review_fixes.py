@@ -135,3 +135,16 @@ def test_an_overridable_constant_in_the_index_computation_is_not_cut(tmp_path: P
     feeds["ids"][0, 0] = -2
     run = feed_cut_model(ort_session(tmp_path / "out" / m.file), open_store(tmp_path / "out"), feeds)
     assert _same(run, onnx_kit.run_ort(src, feeds))
+
+
+def test_extract_marks_an_overridable_table_and_the_cli_warns(tmp_path: Path, onnx_kit: Any,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from bridge.cli import main
+
+    src = _save(_overridable_model(onnx_kit), tmp_path / "m.onnx")
+    assert main(["extract", str(src), "-o", str(tmp_path / "s")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: table 'W': its initializer is also a graph input" in err and "'U'" not in err
+    store = open_store(tmp_path / "s")
+    assert store.entry("W")["metadata"]["onnx"]["overridable"] is True
+    assert "overridable" not in store.entry("U")["metadata"]["onnx"]
