@@ -31,14 +31,14 @@ from bridge.store import write_store
 from bridge.table import EmbeddingTable
 from bridge.ties import find_ties, ties_json
 from converters import keras_large, keras_stream
-from converters.keras_fidelity import find_truncations, truncated_table, with_onnx_vocabulary
+from converters.keras_fidelity import with_onnx_vocabulary
 from converters.keras_layers import embedding_layers, embedding_outputs, keras_candidates, variable_candidates
 from converters.keras_load import LoadedModel, load
 from converters.keras_map import match_tables
 from converters.keras_onnx import to_onnx
 from converters.keras_result import ONNX_FILE, ConversionResult, conversion_provenance
 from converters.keras_signature import Signature, derive_signature, normalize_signature
-from converters.keras_tables import build_table, summary_row, table_name, warn_missing
+from converters.keras_tables import build_table, folded_tables, summary_row, table_names
 from converters.keras_text import split_text_inputs
 from converters.keras_vocab import embedding_vocabularies
 
@@ -94,16 +94,19 @@ def convert(
     Embedding tables total ``large_threshold`` bytes (default 256 MiB) or the weights exceed 2 GiB.
     """
     check_output_dir(out_dir, force, keep=[model_or_path] if isinstance(model_or_path, (str, os.PathLike)) else [])
+    not_streamed: list[str] = []  # why a .keras file could not be streamed: reported if it takes the large path
     opened = keras_stream.stream_large(model_or_path, safe_mode=safe_mode, large=large, threshold=large_threshold,
-                                       skeleton_rows=keras_large.SKELETON_ROWS)
+                                       skeleton_rows=keras_large.SKELETON_ROWS, fallback=not_streamed)
     if opened is not None:
         return _convert_streamed(*opened, out_dir, force=force, opset=opset, input_signature=input_signature)
     loaded = load(model_or_path, safe_mode=safe_mode)
 
     reason = keras_large.large_path_reason(loaded, large, large_threshold)
     if reason is not None:
-        return keras_large.convert_large(loaded, out_dir, signature=_signature(loaded, input_signature),
-                                         force=force, opset=opset, reason=reason)
+        result = keras_large.convert_large(loaded, out_dir, signature=_signature(loaded, input_signature),
+                                           force=force, opset=opset, reason=reason)
+        result.warnings[:0] = not_streamed
+        return result
     conv = prepare(loaded, safe_mode=safe_mode, input_signature=input_signature, opset=opset)
     try:
         model_bytes = conv.onnx_model.SerializeToString()
@@ -195,20 +198,11 @@ def _tables(loaded: LoadedModel, model: onnx.ModelProto, warnings: list[str]) ->
     onnx_vocabs = onnx_vocabularies(model, [ref for ref, _ in refs_and_data])
     ties = find_ties(model, [ref for ref, _ in refs_and_data], None,
                      arrays={ref.key: data for ref, data in refs_and_data})
-    taken: set[str] = set()
+    names = table_names([ref for ref, _ in refs_and_data], matches, candidates)
     tables = []
-    for (ref, data), sources in zip(refs_and_data, matches, strict=True):
-        name = table_name(ref, sources, taken)
-        taken.add(name)
+    for (ref, data), sources, name in zip(refs_and_data, matches, names, strict=True):
         quant = quantization_from_ref(model, ref, None)
         table = build_table(name, ref, data, sources, vocabs, warnings, quant)
         table.metadata["ties"] = ties_json(ties[ref.key])
         tables.append(with_onnx_vocabulary(table, onnx_vocabs.get(ref.key), warnings))
-    truncations = find_truncations(model, candidates, matches, {ref.initializer for ref, _ in refs_and_data})
-    for trunc in truncations:
-        name = table_name(None, [trunc.candidate], taken)
-        taken.add(name)
-        tables.append(truncated_table(name, trunc))
-        warnings.append(trunc.warning(name))
-    warn_missing(candidates, [*matches, [t.candidate for t in truncations]], warnings)
-    return tables
+    return tables + folded_tables(model, candidates, matches, tables, warnings)

@@ -7,9 +7,9 @@
 * **Mixed precision**: see :mod:`converters.keras_precision`.
 * **Truncated tables**: a lookup of constant ids (``Embedding(arange(L))`` with a constant ``L``)
   is constant-folded by TensorFlow: the ONNX model holds only the ``k`` rows used, as a constant
-  read by ``Add``, and no Gather. :func:`truncated_tables` finds a layer weight whose first ``k`` rows
-  equal such a constant and stores the whole weight from Keras, with a warning and
-  ``metadata["truncated_in_onnx"]``.
+  read by ``Add``, and no Gather. :func:`find_truncations` finds a layer weight whose first ``k`` rows
+  equal such a constant (all of them, ``k = V``, for an Embedding's table: a static length equal to its
+  rows) and the whole weight is stored from Keras, with a warning and ``metadata["truncated_in_onnx"]``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from bridge.vocab import Vocabulary
 from converters.keras_map import Candidate, same_bytes
 from converters.keras_precision import cast_warning, compute_dtype_metadata, folded_cast_metadata, folded_cast_warning
 
-#: Ops a folded lookup result is read by, for :func:`truncated_tables` (a position table added to tokens).
+#: Ops a folded lookup result is read by, for :func:`find_truncations` (a position table added to tokens).
 TRUNCATION_READERS = frozenset({"Add"})
 
 
@@ -69,6 +69,13 @@ class Truncation:
         return {"initializer": self.initializer, "rows": self.kept, "of": self.rows, "read_by": list(self.readers)}
 
     def warning(self, name: str) -> str:
+        if self.kept == self.rows:
+            return (f"table {name!r} ({self.candidate.layer!r}) has no lookup in the ONNX model: TensorFlow "
+                    f"constant-folded a lookup of constant ids covering all {self.rows} rows (e.g. arange(seq_len) "
+                    f"with a static length equal to the table's rows) into initializer {self.initializer!r}, read "
+                    f"by {', '.join(self.readers)}; the store keeps the table from the Keras weight, found equal to "
+                    "that constant; compute the ids from the input's dynamic shape (or give the model an integer "
+                    "Input) to keep the lookup")
         return (f"table {name!r} ({self.candidate.layer!r}) is truncated to {self.kept} of {self.rows} rows in the "
                 f"ONNX model: TensorFlow constant-folded a lookup of constant ids (e.g. arange(seq_len) with a "
                 f"static length) into initializer {self.initializer!r}, read by {', '.join(self.readers)}; the store "
@@ -96,8 +103,9 @@ def find_truncations(
     model: onnx.ModelProto, candidates: Sequence[Candidate], matches: Sequence[Sequence[Candidate]],
     tables: set[str],
 ) -> list[Truncation]:
-    """Unmatched weights ``[V, D]`` whose first ``k < V`` rows equal a constant ``[k, D]`` (or ``[1, k, D]``)
-    read by one of :data:`TRUNCATION_READERS`; ``tables`` are the initializers already taken as tables."""
+    """Unmatched weights ``[V, D]`` whose first ``k < V`` rows (or all ``V``, for an Embedding's table) equal
+    a constant ``[k, D]`` (or ``[1, k, D]``) read by one of :data:`TRUNCATION_READERS`; ``tables`` are the
+    initializers already taken as tables."""
     found = {(c.layer, c.weight) for hits in matches for c in hits}
     loose = [c for c in candidates if (c.layer, c.weight) not in found and len(c.shape) == 2]
     if not loose:
@@ -109,7 +117,7 @@ def find_truncations(
         rows = _as_rows(tensor)
         if name in tables or rows is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
             continue
-        fits = [c for c in loose if c.shape[1] == rows[1] and c.shape[0] > rows[0] and (c.layer, c.weight) not in used]
+        fits = [c for c in loose if c.shape[1] == rows[1] and _may_hold(c, rows[0]) and (c.layer, c.weight) not in used]
         if not fits or not TRUNCATION_READERS & set(readers):
             continue
         data = initializer_array(tensor, None).reshape(rows)
@@ -121,6 +129,13 @@ def find_truncations(
                 used.add((cand.layer, cand.weight))
                 break
     return out
+
+
+def _may_hold(cand: Candidate, kept: int) -> bool:
+    """Whether ``kept`` folded rows may be the first rows of ``cand``: fewer than its rows, or all of them
+    for an Embedding's table (a ``[V, D]`` constant equal to any other weight may be that weight itself)."""
+    rows = int(cand.shape[0])
+    return rows > kept or (cand.primary and rows == kept)
 
 
 def truncated_table(name: str, trunc: Truncation) -> EmbeddingTable:

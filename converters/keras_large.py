@@ -9,7 +9,9 @@ limit. The large path never shows it the big tables:
    every other layer as is (no weight is copied) and replacing each shrunk Embedding by one with
    ``input_dim = k`` (k = 17, 18, ...: one distinct value per table, so tf2onnx cannot merge the
    index arithmetic of two tables) whose table is a seeded random *pattern*;
-3. tf2onnx converts the skeleton (small and fast);
+3. tf2onnx converts the skeleton (small and fast). A shrunk table that the ONNX model does not read
+   through a Gather (TensorFlow constant-folded a lookup of constant ids, e.g. ``arange(L)`` with a
+   static ``L``: the model would hold rows of the pattern) is kept whole and the skeleton converted again;
 4. each pattern is found in the ONNX graph **by value**; tf2onnx bakes the row count into the
    negative-id wrap in front of the Gather (``id < 0 ? id + k : id``): on the Gather's index path,
    the input holding ``k`` is re-pointed at a new constant holding the real row count;
@@ -22,8 +24,8 @@ Steps 1-2 live in :mod:`converters.keras_skeleton`, step 4 in :mod:`converters.k
 this module chooses the path, builds the store tables and writes everything.
 
 Peak memory is the Keras model plus tf2onnx on the skeleton plus 64 MiB write chunks. Only what a
-row lookup does with a table survives the swap, so a shrunk table used any other way (a tied
-output projection, rows constant-folded by a lookup with constant ids) is refused.
+row lookup does with a table survives the swap, so a shrunk table also used another way (a tied
+output projection, rows copied into another constant) is refused.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from converters.keras_large_patch import locate_tables, patch_gathers, patch_row
 from converters.keras_layers import keras_candidates
 from converters.keras_load import LoadedModel
 from converters.keras_map import Candidate, match_tables
-from converters.keras_onnx import to_onnx
+from converters.keras_onnx import OnnxConversion, to_onnx
 from converters.keras_result import ONNX_FILE, ConversionResult, conversion_provenance
 from converters.keras_signature import Signature
 from converters.keras_skeleton import (
@@ -67,7 +69,8 @@ from converters.keras_skeleton import (
     unique_embeddings,
     weight_bytes,
 )
-from converters.keras_tables import build_table, summary_row, table_name, warn_missing
+from converters.keras_stream import build_streamed_skeleton
+from converters.keras_tables import build_table, folded_tables, summary_row, table_names
 from converters.keras_vocab import embedding_vocabularies
 
 # LARGE_THRESHOLD, TF2ONNX_LIMIT, ShrunkTable, table_view, locate_tables, patch_gathers and
@@ -139,23 +142,14 @@ def _tables(
     candidates = keras_candidates(loaded.model)
     inline_matches = _inline_matches(refs_and_data, located, candidates)
     vocabs = embedding_vocabularies(loaded.model)
-    tables: list[EmbeddingTable] = []
-    shrunk: dict[str, tuple[TableRef, ShrunkTable]] = {}
-    matches: list[list[Candidate]] = []
-    taken: set[str] = set()
-    for i, (ref, data) in enumerate(refs_and_data):
-        if i in located:
-            ref, data, sources = _real_table(ref, located[i][1], candidates)
-        else:
-            sources = inline_matches[i]
-        name = table_name(ref, sources, taken)
-        taken.add(name)
-        matches.append(sources)
-        tables.append(build_table(name, ref, data, sources, vocabs, warnings))
-        if i in located:
-            shrunk[name] = located[i]
-    warn_missing(candidates, matches, warnings)
-    return tables, shrunk
+    found = [_real_table(ref, located[i][1], candidates) if i in located else (ref, data, inline_matches[i])
+             for i, (ref, data) in enumerate(refs_and_data)]
+    matches = [sources for _, _, sources in found]
+    names = table_names([ref for ref, _, _ in found], matches, candidates)
+    tables = [build_table(name, ref, data, sources, vocabs, warnings)
+              for name, (ref, data, sources) in zip(names, found, strict=True)]
+    shrunk = {names[i]: located[i] for i in located}
+    return tables + folded_tables(proto, candidates, matches, tables, warnings), shrunk
 
 
 def _inline_matches(
@@ -241,14 +235,18 @@ def convert_large(
     from the file and the real model is rebuilt (for ``keras_model``) after the store is written.
     """
     skeleton, plan = _skeleton(loaded, skeleton_rows, streamed, streamed_plan)
-    check_skeleton_size(skeleton, loaded.name)
-    onnx_conv = to_onnx(skeleton, signature, opset=opset)
-    warnings = (still_read_warnings(skeleton, plan) if streamed is None else []) + list(onnx_conv.warnings)
-    located = locate_tables(onnx_conv.model, plan)
+    onnx_conv, skeleton, plan, located, kept = _convert_skeleton(loaded, skeleton, plan, signature, opset,
+                                                                 skeleton_rows, streamed)
+    if streamed is not None:  # the skeleton is the model the tables are mapped to
+        loaded = replace(loaded, model=skeleton)
+    warnings = (still_read_warnings(skeleton, plan) if streamed is None else []) + [_kept_warning(e) for e in kept]
+    warnings += onnx_conv.warnings
     patched = {ref.initializer: patch_gathers(onnx_conv.model, ref, entry) for ref, entry in located.values()}
     tables, shrunk = _tables(loaded, onnx_conv.model, located, warnings)
     provenance = conversion_provenance(loaded, onnx_conv, signature)
     provenance["large_tables"] = _large_tables_record(reason, shrunk, patched, streamed=streamed is not None)
+    if kept:
+        provenance["large_tables"]["kept_whole"] = {e.paths[0]: {"layers": e.paths, "rows": e.rows} for e in kept}
     store = _write(out_dir, force, onnx_conv.model, tables, shrunk, provenance)
     opened = [store[t.name] for t in tables]
     keras_model = loaded.model
@@ -261,6 +259,40 @@ def convert_large(
         summary=[summary_row(t) for t in opened], warnings=warnings, provenance=provenance,
         keras_model=keras_model,
     )
+
+
+def _convert_skeleton(
+    loaded: LoadedModel, skeleton: Any, plan: list[ShrunkTable], signature: Signature, opset: int | None,
+    skeleton_rows: int, streamed: Any,
+) -> tuple[OnnxConversion, Any, list[ShrunkTable], dict[int, tuple[TableRef, ShrunkTable]], list[ShrunkTable]]:
+    """tf2onnx on the skeleton; returns the conversion, the skeleton, its plan, the located tables and those kept whole.
+
+    A shrunk table that the ONNX model does not read through a Gather was used another way, typically a
+    lookup of constant ids (``arange(L)`` with a static ``L``) that TensorFlow constant-folded: the model
+    would hold rows of the small stand-in. Such tables are kept whole in a rebuilt skeleton, converted again.
+    """
+    kept: list[ShrunkTable] = []
+    while True:
+        check_skeleton_size(skeleton, loaded.name)
+        onnx_conv = to_onnx(skeleton, signature, opset=opset)
+        located = locate_tables(onnx_conv.model, plan)
+        found = {entry.paths[0] for _, entry in located.values()}
+        missing = [entry for entry in plan if entry.paths[0] not in found]
+        if not missing:
+            return onnx_conv, skeleton, plan, located, kept
+        kept += missing
+        keep = frozenset(entry.paths[0] for entry in kept)
+        if streamed is None:
+            skeleton, plan = build_skeleton(loaded.model, [entry for entry in plan if entry.paths[0] not in keep])
+        else:
+            skeleton, plan = build_streamed_skeleton(streamed, skeleton_rows, keep)
+
+
+def _kept_warning(entry: ShrunkTable) -> str:
+    return (f"the table of Embedding {entry.paths[0]!r} ({entry.rows} x {entry.dim}, {human_bytes(entry.nbytes)}) "
+            "is not looked up by a Gather in the converted skeleton (TensorFlow constant-folded a lookup of constant "
+            "ids, or the outputs do not use it): the large-table path kept it whole in the skeleton, so tf2onnx "
+            "converted it as the ordinary path does")
 
 
 def _skeleton(

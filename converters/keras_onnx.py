@@ -19,6 +19,7 @@ import onnx
 
 from bridge.errors import ConversionError, UnsupportedError
 from bridge.onnx_bf16 import upcast_bfloat16
+from bridge.onnx_io import iter_graphs
 from converters.keras_env import captured_logs, import_keras, import_tf2onnx
 from converters.keras_precision import bfloat16_typing
 from converters.keras_signature import LIST, SINGLE, Signature, tf_specs
@@ -170,8 +171,9 @@ def unconverted_ops(model: onnx.ModelProto) -> list[str]:
 def check_problem(model: onnx.ModelProto) -> str | None:
     """The ONNX checker's first complaint about a node of the main graph, or None.
 
-    Nodes only: tf2onnx leaves some graph outputs without a shape, which onnxruntime accepts
-    but ``onnx.checker.check_model`` rejects.
+    Nodes without subgraphs are checked one by one. A node holding a subgraph (the ``Loop`` of a
+    recurrent layer) reads names of the graph around it, which a node checked alone cannot see: when
+    there is one, the whole model is checked too, outer scopes known (:func:`_model_problem`).
     """
     try:
         ctx = onnx.checker.C.CheckerContext()
@@ -180,10 +182,38 @@ def check_problem(model: onnx.ModelProto) -> str | None:
     except (AttributeError, TypeError):  # the checker's context is not public API; skip if it moved
         return None
     for node in model.graph.node:
+        if _holds_graph(node):
+            continue
         try:
             onnx.checker.check_node(node, ctx)
         except (onnx.checker.ValidationError, ValueError) as exc:
             return f"node {node.name!r} ({node.op_type}): {_first_line(exc)}"
+    return _model_problem(model) if any(_holds_graph(node) for node in model.graph.node) else None
+
+
+def _holds_graph(node: onnx.NodeProto) -> bool:
+    return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+
+
+def _model_problem(model: onnx.ModelProto) -> str | None:
+    """``onnx.checker.check_model``'s complaint, or None; a model past 2 GiB is not checked.
+
+    tf2onnx leaves some graph outputs without a shape, which onnxruntime accepts but the checker
+    rejects: such outputs get an empty shape for the check and lose it again afterwards.
+    """
+    shapeless = [o.type.tensor_type for _, g in iter_graphs(model) for o in g.output
+                 if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")]
+    for tensor_type in shapeless:
+        tensor_type.shape.SetInParent()
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:  # several lines: the problem, then "==> Context: <node>"
+        return " ".join(str(exc).replace("==> Context:", "in").split())
+    except ValueError:  # past protobuf's 2 GiB: check_model needs a path, the node checks above stand
+        return None
+    finally:
+        for tensor_type in shapeless:
+            tensor_type.ClearField("shape")
     return None
 
 

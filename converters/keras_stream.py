@@ -283,16 +283,24 @@ def fallback_warning(path: Path, reason: str) -> None:
                   "which needs several times the weights' size in memory", UserWarning, stacklevel=3)
 
 
+def fallback_note(path: Path, reason: str) -> str:
+    """The conversion warning saying that the large-table path loaded ``path`` the ordinary way."""
+    return (f"{str(path)!r}: cannot stream its weights ({reason}), so the large-table path loaded it with "
+            "keras.saving.load_model, which needs several times the weights' size in memory")
+
+
 # ----------------------------------------------------------------------------- the large path
 
 
 def stream_large(source: Any, *, safe_mode: bool, large: bool | None, threshold: int | None,
-                 skeleton_rows: int) -> tuple[StreamedKeras, str] | None:
+                 skeleton_rows: int, fallback: list[str] | None = None) -> tuple[StreamedKeras, str] | None:
     """``(streamed, reason)`` when ``source`` is a ``.keras`` file that takes the large path; else None.
 
     Mirrors :func:`converters.keras_large.large_path_reason` from the file's layout alone. None
     (the ordinary load) for other inputs, ``large=False``, a model without a big table, or a
-    layout this module does not understand (with a warning). A damaged ``.keras`` file raises
+    layout this module does not understand: then :func:`fallback_note` is appended to ``fallback``
+    (for the caller to report once it knows the model takes the large path), or without
+    ``fallback`` a UserWarning is issued. A damaged ``.keras`` file raises
     :class:`~bridge.errors.ModelFormatError` here, before any output is written.
     """
     if large is False or not isinstance(source, (str, Path)) or Path(source).suffix.lower() != ".keras":
@@ -303,7 +311,10 @@ def stream_large(source: Any, *, safe_mode: bool, large: bool | None, threshold:
     try:
         streamed = open_streamed(path, safe_mode=safe_mode, min_rows=skeleton_rows)
     except LayoutError as exc:
-        fallback_warning(path, str(exc))
+        if fallback is None:
+            fallback_warning(path, str(exc))
+        else:
+            fallback.append(fallback_note(path, str(exc)))
         return None
     limit = LARGE_THRESHOLD if threshold is None else int(threshold)
     reason = None
@@ -326,14 +337,24 @@ def stream_large(source: Any, *, safe_mode: bool, large: bool | None, threshold:
     return streamed, reason
 
 
-def build_streamed_skeleton(streamed: StreamedKeras, skeleton_rows: int) -> tuple[Any, list[ShrunkTable]]:
-    """The skeleton built from the config (small weights loaded) and its plan, each table a map of the file."""
-    rows = {t.h5_path: skeleton_rows + i for i, t in enumerate(streamed.tables)}
+def build_streamed_skeleton(streamed: StreamedKeras, skeleton_rows: int,
+                            keep: frozenset[str] = frozenset()) -> tuple[Any, list[ShrunkTable]]:
+    """The skeleton built from the config (small weights loaded) and its plan, each table a map of the file.
+
+    The big tables whose first layer path is in ``keep`` stay whole in the skeleton, read from the file.
+    """
+    rows = {t.h5_path: skeleton_rows + i for i, t in enumerate(streamed.tables) if t.layer_paths[0] not in keep}
     skeleton = streamed.build(rows)
     with streamed.open_h5() as h5:
         streamed.load_small_weights(skeleton, h5)
+        for table in streamed.tables:
+            if table.h5_path not in rows:
+                for lpath in table.layer_paths:
+                    _fill(layer_at(skeleton, lpath).embeddings, h5[table.h5_path])
     plan: list[ShrunkTable] = []
     for table in streamed.tables:
+        if table.h5_path not in rows:
+            continue
         k = rows[table.h5_path]
         pattern = skeleton_pattern(k, table.shape[1], table.dtype)
         layers = [layer_at(skeleton, p) for p in table.layer_paths]

@@ -9,16 +9,17 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import onnx
 
 from bridge.quantization import Quantization
 from bridge.scan import TableRef, default_table_name
 from bridge.table import EmbeddingTable, SourceRef
-from converters.keras_fidelity import layer_metadata
+from converters.keras_fidelity import find_truncations, layer_metadata, truncated_table
 from converters.keras_map import Candidate
 from converters.keras_quant import quantization_problems
 from converters.keras_vocab import LookupVocab
 
-__all__ = ["build_table", "summary_row", "table_name", "warn_missing"]
+__all__ = ["build_table", "folded_tables", "summary_row", "table_name", "table_names", "unmapped_name", "warn_missing"]
 
 
 def table_name(ref: TableRef | None, sources: list[Candidate], taken: set[str]) -> str:
@@ -32,6 +33,33 @@ def table_name(ref: TableRef | None, sources: list[Candidate], taken: set[str]) 
         if candidate.lower() not in lowered and default_table_name(candidate, taken) == candidate:
             return candidate
     return default_table_name(layer.replace("/", "."), taken)
+
+
+def table_names(refs: list[TableRef], matches: list[list[Candidate]], candidates: list[Candidate]) -> list[str]:
+    """Names for the ONNX tables ``refs`` (their sources ``matches``), unique case-insensitively.
+
+    Mapped tables are named first (:func:`table_name`), so each takes its layer's name; then the
+    unmapped ones (:func:`unmapped_name`), which never take the name of an Embedding layer.
+    """
+    names: dict[int, str] = {}
+    for i, (ref, sources) in enumerate(zip(refs, matches, strict=True)):
+        if sources:
+            names[i] = table_name(ref, sources, set(names.values()))
+    layers = {c.layer.rsplit("/", 1)[-1] for c in candidates if c.primary}
+    layers |= {c.layer.replace("/", ".") for c in candidates if c.primary}
+    for i, ref in enumerate(refs):
+        if i not in names:
+            names[i] = unmapped_name(ref, set(names.values()), layers)
+    return [names[i] for i in range(len(refs))]
+
+
+def unmapped_name(ref: TableRef, taken: set[str], layers: set[str]) -> str:
+    """A name for a table matching no Keras weight: from its initializer, ``<name>_unmapped`` when that
+    is the name of one of the Embedding ``layers`` (a mapped table, or a layer found later, owns it)."""
+    base = default_table_name(ref.initializer, set())
+    if base.lower() in {layer.lower() for layer in layers}:
+        base = f"{base}_unmapped"
+    return default_table_name(base, taken | layers)
 
 
 def build_table(
@@ -102,6 +130,28 @@ def warn_missing(candidates: list[Candidate], matches: list[list[Candidate]], wa
             hint = "; tf2onnx converts bfloat16 tables to float16" if "bfloat16" in dtype else ""
             warnings.append(f"embedding {cand.layer!r} has no table in the ONNX model (unused by the outputs, "
                             f"constant-folded, or changed by tf2onnx){hint}")
+
+
+def folded_tables(
+    model: onnx.ModelProto, candidates: list[Candidate], matches: list[list[Candidate]], tables: list[EmbeddingTable],
+    warnings: list[str],
+) -> list[EmbeddingTable]:
+    """Store tables for the weights TensorFlow folded into constants (:func:`find_truncations`), each whole
+    from Keras with a warning; then :func:`warn_missing` for the Embedding layers still without a table.
+
+    ``tables`` are the store tables already built from the model's tables (``matches``: their sources).
+    """
+    initializers = {t.initializer for t in tables if t.initializer}
+    truncations = find_truncations(model, candidates, matches, initializers)
+    taken = {t.name for t in tables}
+    out = []
+    for trunc in truncations:
+        name = table_name(None, [trunc.candidate], taken)
+        taken.add(name)
+        out.append(truncated_table(name, trunc))
+        warnings.append(trunc.warning(name))
+    warn_missing(candidates, [*matches, [t.candidate for t in truncations]], warnings)
+    return out
 
 
 def summary_row(table: EmbeddingTable) -> dict[str, Any]:
