@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,7 @@ def onnx_references(store: Store, model_path: Path | None = None) -> dict[str, L
         initializer = entry.get("initializer") or ""
         ref = stored_ref(initializer, entry.get("metadata"), refs)
         if ref is None:
-            out[name], absent = f"{path.name} has no table {initializer!r}", absent + 1
+            out[name], absent = _absent(path.name, name, initializer, entry.get("metadata")), absent + 1
             continue
         build = onnx_gather_reference if ref.gathers or not ref.slices else onnx_slice_reference
         try:
@@ -118,6 +119,18 @@ def _table_names(store: Store, tables: Sequence[str] | None) -> list[str]:
     for name in names:
         store.entry(name)  # raises TableNotFoundError listing the valid names
     return names
+
+
+def _absent(model: str, table: str, initializer: str, metadata: Any) -> str:
+    """Why ``model`` has no reference for ``table``: the constant TensorFlow folded its lookup into (the
+    Keras converter records it as ``metadata["truncated_in_onnx"]``), no initializer, or a missing one."""
+    folded = (metadata or {}).get("truncated_in_onnx")
+    if isinstance(folded, Mapping):
+        return (f"{model} has no lookup of table {table!r}: TensorFlow folded the {folded.get('rows')} rows it "
+                f"reads into constant {folded.get('initializer')!r}")
+    if not initializer:
+        return f"{model} has no lookup of table {table!r} (the store records no ONNX initializer for it)"
+    return f"{model} has no table {initializer!r}"
 
 
 def skipped(table: str, reference: str, reason: str) -> Comparison:

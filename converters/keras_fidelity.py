@@ -41,8 +41,10 @@ def layer_metadata(name: str, layers: Sequence[Any], table_dtype: np.dtype[Any],
         meta["lora"] = {
             "rank": int(layer.lora_rank), "alpha": float(getattr(layer, "lora_alpha", layer.lora_rank)),
             "folded": True,
-            "note": "tf2onnx folded embeddings + (alpha / rank) * lora_a @ lora_b into this table; it equals "
-                    "layer.embeddings, the table the layer looks rows up in",
+            "note": ("tf2onnx folded embeddings + (alpha / rank) * lora_a @ lora_b into this table; it equals "
+                     "layer.embeddings, the table the layer looks rows up in" if not _quantized(layer) else
+                     "the layer is quantized: this table holds its integer rows without the LoRA term, which "
+                     "Keras adds after dequantizing (see the conversion's warning)"),
         }
     cast = compute_dtype_metadata(layers, table_dtype)
     if cast:
@@ -53,6 +55,11 @@ def layer_metadata(name: str, layers: Sequence[Any], table_dtype: np.dtype[Any],
         meta.update(folded)
         warnings.append(folded_cast_warning(name, table_dtype, folded))
     return meta
+
+
+def _quantized(layer: Any) -> bool:
+    """Whether a Keras layer holds quantized weights (``layer.quantize(...)``)."""
+    return bool(getattr(layer, "quantization_mode", None))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import numpy as np
 from bridge.errors import InputError, ParityError
 from bridge.parity import DEFAULT_BACKENDS, Comparison, LookupFn, ParityReport, compare
 from bridge.store import Store, open_store
-from bridge.store_parity import ONNX_REFERENCE, store_parity
+from bridge.store_parity import store_parity
 from converters.keras_env import to_numpy
 from converters.keras_layers import embedding_layers, iter_layers
 from converters.keras_load import load
@@ -350,7 +349,6 @@ def conversion_parity(result: Any, *, backends: tuple[str, ...] = ("numpy", "onn
     keras_refs = layer_references(model) if model is not None and hasattr(model, "layers") else None
     report = store_parity(result.store, backends=backends, onnx_model=result.onnx_path,
                           extra_references=keras_refs, verify=False)
-    _name_folded(report, result.store, Path(result.onnx_path).name)
     if keras_refs is not None:
         report.extend(cast_comparisons(result.store, keras_refs.cast(result.store), backends))
         signature = conversion_signature(result)
@@ -359,13 +357,3 @@ def conversion_parity(result: Any, *, backends: tuple[str, ...] = ("numpy", "onn
     return report
 
 
-def _name_folded(report: ParityReport, store: Store, onnx_name: str) -> None:
-    """Say why the ONNX model's row of a table TensorFlow constant-folded is skipped, naming the constant
-    (:mod:`bridge.store_parity` only knows the table's initializer, which such a table has not)."""
-    folded = {name: (store.entry(name).get("metadata") or {}).get("truncated_in_onnx") for name in store}
-    for i, row in enumerate(report.comparisons):
-        info = folded.get(row.table)
-        if row.skipped and row.backend == ONNX_REFERENCE and isinstance(info, Mapping):
-            detail = (f"skipped: {onnx_name} has no lookup of table {row.table!r}: TensorFlow folded the "
-                      f"{info.get('rows')} rows it reads into constant {info.get('initializer')!r}")
-            report.comparisons[i] = replace(row, detail=detail)
