@@ -92,7 +92,17 @@ def atomic_directory(out_dir: str | os.PathLike[str], *, force: bool = False) ->
         with _os_errors(f"cannot put the output in place at {str(out_dir)!r}"):
             _replace_dir(staging, out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)
+        raise
+
+
+def remove_tree(path: Path) -> None:
+    """``shutil.rmtree(path)``, ignoring errors, finished even if Ctrl-C lands while it runs (the
+    interrupt is raised again once the tree is gone): a half-removed temporary tree is left behind otherwise."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except KeyboardInterrupt:
+        shutil.rmtree(path, ignore_errors=True)
         raise
 
 
@@ -119,7 +129,7 @@ def _replace_dir(staging: Path, out: Path) -> None:
                 os.rename(old / "d", out)
                 raise
         finally:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
     _fsync_dir(out.parent)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import ml_dtypes
@@ -123,6 +124,24 @@ def test_interrupted_forced_rewrite_keeps_old_store(tmp_path: Path, monkeypatch:
         write_store(tmp_path / "s", _tables(), force=True)
     assert list(open_store(tmp_path / "s")) == ["tok/emb"]
     assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_interrupt_while_the_old_store_is_removed_leaves_nothing_behind(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    write_store(tmp_path / "s", _tables()[:1])
+    real, calls = shutil.rmtree, []
+
+    def interrupted(path: str | os.PathLike[str], *args: object, **kwargs: object) -> None:
+        calls.append(path)
+        if len(calls) == 1:  # Ctrl-C in the middle of removing the replaced store
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("bridge.atomic.shutil.rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_store(tmp_path / "s", _tables(), force=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no hidden .s.old-* copy of the old store
+    assert sorted(open_store(tmp_path / "s")) == sorted(t.name for t in _tables())
 
 
 @pytest.mark.parametrize("failing", [1, 2], ids=["moving the old store aside", "putting the new one in place"])
