@@ -85,6 +85,7 @@ def cut_gathers(model: onnx.ModelProto, cuts: Sequence[TableCut]) -> tuple[list[
     graph = model.graph
     labels = {node_label(n, i): i for i, n in enumerate(graph.node)}
     taken = _all_names(model)
+    node_names = {n.name for _, g in iter_graphs(model) for n in g.node}
     specs, kept, candidates = [], [], set()
     for cut in cuts:
         for label in cut.gathers:
@@ -102,7 +103,7 @@ def cut_gathers(model: onnx.ModelProto, cuts: Sequence[TableCut]) -> tuple[list[
                 continue
             name = unique_name(f"{cut.table}__vectors", taken)
             candidates.update(chain | {node.input[0], node.input[1]})
-            _replace_with_input(model, node, name, ids_input, cut)
+            _replace_with_input(model, node, name, ids_input, cut, unique_name(f"{name}_in", node_names))
             specs.append(CutSpec(input=name, table=cut.table, ids_input=ids_input, policy="wrap", gather=label))
     if specs:
         _prune(model, candidates)
@@ -110,7 +111,8 @@ def cut_gathers(model: onnx.ModelProto, cuts: Sequence[TableCut]) -> tuple[list[
     return specs, kept
 
 
-def _replace_with_input(model: onnx.ModelProto, node: onnx.NodeProto, name: str, ids_input: str, cut: TableCut) -> None:
+def _replace_with_input(model: onnx.ModelProto, node: onnx.NodeProto, name: str, ids_input: str, cut: TableCut,
+                        node_name: str) -> None:
     graph = model.graph
     ids_info = next(v for v in graph.input if v.name == ids_input)
     value = helper.make_tensor_value_info(name, onnx_elem_type(cut.dtype), None)
@@ -121,7 +123,7 @@ def _replace_with_input(model: onnx.ModelProto, node: onnx.NodeProto, name: str,
     graph.input.append(value)
     out = node.output[0]
     node.Clear()
-    node.op_type, node.name = "Identity", f"{name}_in"
+    node.op_type, node.name = "Identity", node_name
     node.input.append(name)
     node.output.append(out)
 

@@ -148,3 +148,15 @@ def test_extract_marks_an_overridable_table_and_the_cli_warns(tmp_path: Path, on
     store = open_store(tmp_path / "s")
     assert store.entry("W")["metadata"]["onnx"]["overridable"] is True
     assert "overridable" not in store.entry("U")["metadata"]["onnx"]
+
+
+def test_the_cut_node_takes_a_name_no_other_node_has(tmp_path: Path, onnx_kit: Any) -> None:
+    from test_share import _model
+
+    model = _model(onnx_kit, _table())
+    model.graph.node[1].name = "W__vectors_in"  # the name the cut would give its Identity
+    src = _save(model, tmp_path / "m.onnx")
+    (m,) = share([src], tmp_path / "out", cut=True).models
+    cut = load_model(tmp_path / "out" / m.file)  # refuses duplicate node names
+    names = [n.name for n in cut.graph.node]
+    assert len(set(names)) == len(names) and "W__vectors_in_2" in names and m.check.verified
