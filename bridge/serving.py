@@ -31,7 +31,7 @@ from bridge.cut import CUT_KEY, CutModel, CutSpec, cut_specs, make_lookup, ort_i
 from bridge.errors import InputError, StoreError, TableNotFoundError
 from bridge.external import external_tensors, onnx_elem_type
 from bridge.npyio import verify_sha256
-from bridge.onnx_io import load_model, safe_child_path
+from bridge.onnx_io import iter_graphs, load_model, safe_child_path
 from bridge.store import Store, open_store
 
 __all__ = [
@@ -122,6 +122,8 @@ def _check_external(
     model: onnx.ModelProto, store: Store, checker: ChecksumCache | None
 ) -> tuple[dict[str, str], set[str]]:
     by_file = {entry["file"]: entry for entry in store.manifest["tables"]}
+    # onnxruntime gives an added initializer to every graph holding one of that name, subgraphs too
+    nested = {t.name for path, graph in iter_graphs(model) if path for t in graph.initializer}
     initializers: dict[str, str] = {}
     tables: set[str] = set()
     for graph, tensor, ext in external_tensors(model):
@@ -138,7 +140,7 @@ def _check_external(
         if checker is not None:
             checker.check(target, entry["sha256"], f"table {entry['name']!r}")
         tables.add(entry["name"])
-        if graph == "":
+        if graph == "" and tensor.name not in nested:  # else onnxruntime maps this one itself
             initializers[tensor.name] = entry["name"]
     return initializers, tables
 

@@ -336,14 +336,21 @@ def _overridable_warnings(src: _Source) -> list[str]:
             for ref in src.refs if ref.graph == "" and ref.initializer in overridable]
 
 
+def _where(use: Any) -> str:
+    """A lookup's node label, with its graph path when it is in a subgraph (labels repeat across graphs)."""
+    return f"{use.graph}/{use.node}" if use.graph else use.node
+
+
 def _cut(model: onnx.ModelProto, src: _Source, store: Store) -> tuple[list[CutSpec], list[str]]:
     plan, kept = [], []
     overridable = overridable_initializers(model)
     for ref in src.refs:
         name = src.tables[(ref.graph, ref.initializer)]
-        ok = [u.node for u in ref.gathers if ref.graph == "" and u.graph == "" and set(u.via) <= _CUTTABLE_VIA]
-        kept += [f"table {name!r}, {u.node}: the lookup is in a subgraph or goes through {', '.join(u.via)}"
-                 for u in ref.gathers if u.node not in ok]
+        cuttable = [u for u in ref.gathers if ref.graph == "" and u.graph == "" and set(u.via) <= _CUTTABLE_VIA]
+        ok = [u.node for u in cuttable]
+        kept += [f"table {name!r}, {_where(u)}: " + (f"the lookup goes through {', '.join(u.via)}" if u.graph == ""
+                                                      else "the lookup is in a subgraph")
+                 for u in ref.gathers if u not in cuttable]
         if ok and ref.graph == "" and ref.initializer in overridable:
             kept += [f"table {name!r}, {node}: initializer {ref.initializer!r} is also a graph input, so a caller "
                      "may override it, and a cut lookup would serve the stored values instead" for node in ok]

@@ -160,3 +160,41 @@ def test_the_cut_node_takes_a_name_no_other_node_has(tmp_path: Path, onnx_kit: A
     cut = load_model(tmp_path / "out" / m.file)  # refuses duplicate node names
     names = [n.name for n in cut.graph.node]
     assert len(set(names)) == len(names) and "W__vectors_in_2" in names and m.check.verified
+
+
+def test_shared_sessions_leave_a_subgraph_initializer_of_the_same_name_alone(tmp_path: Path, onnx_kit: Any) -> None:
+    """onnxruntime gives an added initializer to every graph holding one of that name: an If branch's own
+    ``W`` (a bias here) must not become the shared main-graph table."""
+    from bridge.serving import SharedSessions
+
+    bias = np.ones((V, D), np.float32)
+    then = helper.make_graph([helper.make_node("Add", ["x", "W"], ["t"])], "then", [],
+                             [onnx_kit.value("t", shape=[V, D])], initializer=[onnx_kit.init("W", bias)])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                              [onnx_kit.value("e", shape=[V, D])])
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["looked_up"], name="gather"),
+             helper.make_node("If", ["cond"], ["branch"], then_branch=then, else_branch=other)]
+    inputs = [onnx_kit.ids(), onnx_kit.value("cond", TensorProto.BOOL, []), onnx_kit.value("x", shape=[V, D])]
+    outputs = [onnx_kit.value("looked_up", shape=["n", D]), onnx_kit.value("branch", shape=[V, D])]
+    model = onnx_kit.model(nodes, inputs, outputs, [onnx_kit.init("W", _table())])
+    src = _save(model, tmp_path / "m.onnx")
+    share([src], tmp_path / "out")
+    feeds = {"ids": np.array([0, 3]), "cond": np.array(True), "x": np.zeros((V, D), np.float32)}
+    got = SharedSessions(tmp_path / "out").session("m.onnx").run(None, feeds)
+    assert _same(got, onnx_kit.run_ort(src, feeds)) and got[1].tobytes() == bias.tobytes()
+
+
+def test_a_subgraph_lookup_left_uncut_is_listed_even_when_its_label_repeats_a_cut_one(tmp_path: Path,
+                                                                                      onnx_kit: Any) -> None:
+    then = helper.make_graph([helper.make_node("Gather", ["W", "ids"], ["t"])], "then", [],
+                             [onnx_kit.value("t", shape=["n", D])])  # unnamed: labelled Gather#0, like the main one
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                              [onnx_kit.value("e", shape=["n", D])])
+    nodes = [helper.make_node("Gather", ["W", "ids"], ["looked_up"]),
+             helper.make_node("If", ["cond"], ["branch"], then_branch=then, else_branch=other)]
+    inputs = [onnx_kit.ids(), onnx_kit.value("cond", TensorProto.BOOL, []), onnx_kit.value("x", shape=["n", D])]
+    outputs = [onnx_kit.value("looked_up", shape=["n", D]), onnx_kit.value("branch", shape=["n", D])]
+    src = _save(onnx_kit.model(nodes, inputs, outputs, [onnx_kit.init("W", _table())]), tmp_path / "m.onnx")
+    (m,) = share([src], tmp_path / "out", cut=True).models
+    assert [s.gather for s in m.cut] == ["Gather#0"]
+    assert len(m.kept) == 1 and "then_branch/Gather#0: the lookup is in a subgraph" in m.kept[0]
