@@ -64,9 +64,13 @@ class BackendError(BridgeError):
 class IdError(BridgeError, IndexError):
     """Ids are not integers, or an id is out of range under the ``error`` policy."""
 
+    exit_code = 2  # the ids the user gave: bad input
+
 
 class VocabularyError(BridgeError, KeyError):
     """A token cannot be mapped to an id (no vocabulary, or OOV without a rule)."""
+
+    exit_code = 2  # the tokens (or vocabulary) the user gave: bad input
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""

@@ -102,22 +102,29 @@ def _written() -> str:
 @contextmanager
 def _interrupts() -> Iterator[list[bool]]:
     """Ctrl-C raises KeyboardInterrupt as usual and is also remembered (a non-empty list): an interrupt
-    raised inside a garbage-collector callback is swallowed by Python, and the run must still exit 130."""
+    raised inside a garbage-collector callback is swallowed by Python (and reported as "Exception ignored",
+    which is silenced here), and the run must still exit 130 with one line."""
     seen: list[bool] = []
 
     def handler(signum: int, frame: Any) -> None:
         seen.append(True)
         raise KeyboardInterrupt
 
+    def unraisable(info: Any) -> None:  # Python's "Exception ignored in ..." report, a traceback on stderr
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            hook(info)
+
     try:
         previous = signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread (an embedding application): leave signals alone
         yield seen
         return
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable
     try:
         yield seen
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = hook
 
 
 def _one_line(exc: BaseException) -> str:
