@@ -9,7 +9,9 @@ for every model and every process. Other external data of a model is copied to
 (:mod:`bridge.cut`): the vectors become model inputs, fed by the bridge.
 
 Every rewritten model is run against its original in onnxruntime on sample inputs before anything
-is written; outputs must be bitwise equal. The manifest lists each model under ``files`` (sha256)
+is written; outputs must be bitwise equal. A model whose original onnxruntime cannot run on sample
+inputs (string inputs, ops it lacks) is written unchecked, ``check.verified`` None and ``check.note``
+saying why. The manifest lists each model under ``files`` (sha256)
 and, under ``provenance["models"]``, its source, the tables it reads and its cuts.
 """
 

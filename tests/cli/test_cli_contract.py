@@ -165,3 +165,16 @@ def test_bad_ids_and_unknown_tokens_are_bad_input(store: Path, tmp_path: Path,
     write_store(tmp_path / "v", [EmbeddingTable("t", np.ones((2, 2), np.float32), vocab=Vocabulary(["a", "b"]))])
     line = _one_error_line(*_run(["lookup", str(tmp_path / "v"), "--table", "t", "--tokens", "a,zz"], capsys))
     assert "token 'zz' (position 1) is not in the vocabulary" in line
+
+
+def test_share_warns_of_a_model_it_could_not_check(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import onnx
+
+    from tests.bridge.conftest import OnnxKit
+    from tests.bridge.test_onnx_vocab import lookup_model
+
+    table = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+    onnx.save(lookup_model(OnnxKit, table, ["a", "b"], [1, 2], 0), tmp_path / "m.onnx")  # string input
+    code, out, err = _run(["share", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "sh")], capsys)
+    assert code == 0 and "not checked" in out
+    assert "warning: m.onnx was not checked against" in err and "dtype object" in err
