@@ -1,6 +1,6 @@
 """embedding-bridge: move embedding tables between Keras, ONNX, PyTorch and NumPy, bit for bit.
 
-The core imports numpy and ml_dtypes only; onnxruntime and torch load inside their adapters, and
+The core imports numpy, ml_dtypes and tqdm only; onnxruntime and torch load inside their adapters, and
 tensorflow only inside :mod:`converters`.
 
     import bridge
