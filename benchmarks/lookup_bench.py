@@ -84,7 +84,7 @@ def run_cell(cfg: BenchConfig, ctx: TableContext, binders: dict[str, Binder], va
             if variant.threads is None or variant.threads > 1:
                 bound = replace(bound, settle=True)
             if variant.kind != "limit":
-                check(bound, cell, reference)
+                check(bound, cell, reference, writes_out=variant.form == "out")
             inner, estimate = calibrate(bound, cfg.warmup_s, cfg.sample_s)
         except Exception as exc:  # noqa: BLE001 - a failing variant is recorded; the others still run
             errors.append({"variant": variant.name, **where, "error": _describe(exc)})
@@ -104,6 +104,9 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
               stats: dict[str, Stats]) -> list[dict[str, Any]]:
     """Each ``out=`` adapter against the fastest (round-robin median) raw call of its framework and thread count.
 
+    No pair is made unless a raw call writing into ``out=`` of that framework ran (a ``--variants`` run
+    may leave only slower forms, against which a ratio would flatter the adapter).
+
     Both run in adjacent pairs of short samples (``cfg.pair_sample_s``; :func:`benchmarks.harness.paired`).
     Each raw call is also paired with itself, once per cell: the ``noise_*`` fields, the spread the method
     shows where the work is identical (an A/A control), to read the adapter's ratio against.
@@ -112,10 +115,11 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
     for adapter in variants:
         if adapter.kind != "adapter" or adapter.form != "out" or adapter.name not in bounds:
             continue
-        peers = [v.name for v in variants if v.kind == "raw" and v.framework == adapter.framework
-                 and (v.threads or 1) == adapter.threads and v.name in stats]
-        if not peers:
+        kin = [v for v in variants if v.kind == "raw" and v.framework == adapter.framework
+               and (v.threads or 1) == adapter.threads and v.name in stats]
+        if not any(v.form == "out" for v in kin):  # the fastest form was not run (--variants): no fair pair
             continue
+        peers = [v.name for v in kin]
         raw = min(peers, key=lambda name: stats[name].median)
         inner = max(1, round(cfg.pair_sample_s / max(stats[raw].median, 1e-9)))
         pair = partial(paired, inner=inner, pairs=cfg.pairs, budget_s=cfg.variant_budget_s, min_pairs=cfg.min_pairs)
@@ -130,8 +134,12 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
     return rows
 
 
-def check(bound: Bound, cell: Cell, reference: np.ndarray) -> None:
-    """Call ``bound`` once (the first warm-up call) and compare its output with ``np.take`` bit for bit."""
+def check(bound: Bound, cell: Cell, reference: np.ndarray, *, writes_out: bool = False) -> None:
+    """Call ``bound`` once (the first warm-up call) and compare its output with ``np.take`` bit for bit.
+
+    A variant that ``writes_out`` (form ``out``) must also leave those rows in the cell's ``out`` buffer,
+    whatever it returns.
+    """
     cell.out.fill(np.nan)
     if bound.enter is not None:
         bound.enter()
@@ -139,9 +147,14 @@ def check(bound: Bound, cell: Cell, reference: np.ndarray) -> None:
     got = bound.fetch() if bound.fetch is not None else result
     if isinstance(got, (list, tuple)):
         got = got[0]
-    arr = np.asarray(got)
+    _same(np.asarray(got), reference, "output")
+    if writes_out:
+        _same(cell.out, reference, "out= buffer")
+
+
+def _same(arr: np.ndarray, reference: np.ndarray, what: str) -> None:
     if arr.shape != reference.shape or arr.dtype != reference.dtype or not np.array_equal(arr, reference):
-        raise MismatchError(f"output differs from np.take (shape {arr.shape}, dtype {arr.dtype})")
+        raise MismatchError(f"{what} differs from np.take (shape {arr.shape}, dtype {arr.dtype})")
 
 
 def _describe(exc: BaseException) -> str:
