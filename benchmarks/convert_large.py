@@ -17,7 +17,8 @@ lookup). Target (issue 5): conversion peak RSS <= 2 x the table.
 
 Usage: ``python benchmarks/convert_large.py`` (needs ~8 GB free memory and ~5 GB of disk; ``--file``
 another ~3 GB of memory and disk), ``--rows 75000`` for a quick run. Prints a Markdown table, then
-the JSON document (also written to ``--json-out``). Linux only (``/proc``).
+the JSON document (also written to ``--json-out``); exits 1 if a conversion's vectors or head differ
+(``correct`` false; ``meets_target`` needs both correctness and the memory bound). Linux only (``/proc``).
 """
 
 from __future__ import annotations
@@ -261,14 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
     table = args.rows * args.dim * 4
+    converted = [s for s in steps.values() if "peak_rss_bytes" in s]
+    correct = all(s["vectors_bitwise_equal"] and s["head_within_tolerance"] for s in converted)
     doc = {"rows": args.rows, "dim": args.dim, "table_bytes": table, "target_peak_ratio": TARGET_RATIO,
-           "steps": steps, "meets_target": all(s["peak_rss_bytes"] <= TARGET_RATIO * table
-                                               for s in steps.values() if "peak_rss_bytes" in s)}
+           "steps": steps, "correct": correct,
+           "meets_target": correct and all(s["peak_rss_bytes"] <= TARGET_RATIO * table for s in converted)}
     print(markdown(doc))
     print(json.dumps(doc, indent=2))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    return 0
+    return 0 if correct else 1  # a wrong conversion is a failure, whatever its memory
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ target needs a real 2 GiB table; and the correctness check reads the out= buffer
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -85,3 +87,16 @@ def test_the_check_reads_the_out_buffer_of_an_out_variant() -> None:
     writes = Bound(lambda: np.take(table, ids, axis=0, out=cell.out))
     check(writes, cell, reference, writes_out=True)
     assert cell.out.tobytes() == reference.tobytes()
+
+
+@pytest.mark.parametrize(("bitwise", "code"), [(True, 0), (False, 1)])
+def test_convert_large_fails_on_wrong_vectors_whatever_its_memory(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                  bitwise: bool, code: int) -> None:
+    from benchmarks import convert_large
+
+    step = {"peak_rss_bytes": 1, "rss_before_bytes": 1, "convert_s": 1.0, "onnx_file_bytes": 1,
+            "vectors_bitwise_equal": bitwise, "head_max_abs_diff": 0.0, "head_within_tolerance": True}
+    monkeypatch.setattr(convert_large, "run_child", lambda *args: dict(step))  # the child's report, as measured
+    assert convert_large.main(["--rows", "10", "--dim", "4", "--json-out", str(tmp_path / "r.json")]) == code
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["correct"] is bitwise and doc["meets_target"] is bitwise
