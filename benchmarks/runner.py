@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -66,7 +69,8 @@ def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike[str], *, plots
     """Write ``results.json``, ``results.md`` and (with ``plots``) ``latency.png``, ``bandwidth.png``, ``pairs.png``.
 
     ``out_dir`` is created if needed. The files are made in a staging directory inside it and then moved
-    into place, so an error or an interrupt while they are made leaves the previous results as they were;
+    into place with Ctrl-C held back, so an error or an interrupt leaves the previous set or the new one,
+    never a mix;
     without ``plots``, the previous run's plots are removed (they would describe other results). Other
     files in ``out_dir`` are left alone.
     """
@@ -78,8 +82,9 @@ def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike[str], *, plots
     staging = Path(tempfile.mkdtemp(prefix=".results-", dir=out))
     try:
         made = _render(doc, staging, plots)
-        for path in made.values():
-            os.replace(path, out / path.name)
+        with _no_interrupts():  # the moves take microseconds: Ctrl-C waits for the whole set
+            for path in made.values():
+                os.replace(path, out / path.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not plots:
@@ -88,6 +93,26 @@ def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike[str], *, plots
         for name in PLOT_NAMES:
             (out / name).unlink(missing_ok=True)
     return {key: out / path.name for key, path in made.items()}
+
+
+@contextlib.contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C back while the block runs, then deliver it (main thread only; elsewhere nothing is held)."""
+    held: list[Any] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            if callable(previous):
+                previous(signal.SIGINT, held[0])
+            else:
+                raise KeyboardInterrupt
 
 
 def _render(doc: dict[str, Any], into: Path, plots: bool) -> dict[str, Path]:

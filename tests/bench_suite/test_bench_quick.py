@@ -291,6 +291,34 @@ def test_outputs_replace_the_previous_set_or_leave_it(run: tuple[dict[str, Any],
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md"]
 
 
+def test_ctrl_c_while_the_files_are_moved_waits_for_the_whole_set(
+        run: tuple[dict[str, Any], Path, dict[str, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+
+    import benchmarks.runner
+
+    doc, _, _ = run
+    write_outputs(doc, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real, moved = os.replace, []
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(dst).parent == tmp_path:  # the final moves (rendering may replace files of its own)
+            if not moved:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the first file is moved
+            moved.append(dst)
+        real(src, dst)
+
+    monkeypatch.setattr(benchmarks.runner.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        write_outputs({**doc, "duration_s": 1.5}, tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert len(moved) == len(before) == 5
+    assert all(after[name] != before[name] for name in ("results.json", "results.md"))
+    assert json.loads(after["results.json"])["duration_s"] == 1.5
+
+
 @pytest.mark.slow
 def test_tensorflow_and_keras_variants(tmp_path: Path) -> None:
     pytest.importorskip("tensorflow")
