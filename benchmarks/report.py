@@ -22,11 +22,21 @@ STATS = {"median_s": NUM, "q1_s": NUM, "q3_s": NUM, "iqr_s": NUM, "min_s": NUM, 
 #: Required fields and their types, per object kind (``list:<kind>`` = a list of such objects).
 FIELDS: dict[str, dict[str, Any]] = {
     "document": {"schema": str, "created": str, "duration_s": NUM, "mode": str, "command": OPT_STR,
-                 "config": dict, "machine": "machine", "cpu": "cpu", "variants": "list:variant",
-                 "tables": "list:table", "results": "list:result", "pairs": "list:pair", "errors": list,
-                 "skipped": list, "tokens": "tokens?", "targets": "list:target"},
-    "machine": {"platform": str, "python": str, "cpu_model": OPT_STR, "cpu_count": OPT_INT, "versions": dict,
-                "timer": dict},
+                 "config": "config", "machine": "machine", "cpu": "cpu", "variants": "list:variant",
+                 "tables": "list:table", "results": "list:result", "pairs": "list:pair", "errors": "list:error",
+                 "skipped": "list:skip", "tokens": "tokens?", "targets": "list:target"},
+    "config": {"mode": str, "tables": "list:config_table", "batches": list, "distributions": list, "zipf_s": NUM,
+               "repeats": int, "min_repeats": int, "sample_s": NUM, "warmup_s": NUM, "variant_budget_s": NUM,
+               "pairs": int, "min_pairs": int, "pair_sample_s": NUM, "paired_min_batch": int, "seed": int,
+               "tensorflow": bool, "gensim": bool, "variants": list, "keras_max_batch": OPT_INT,
+               "gensim_max_batch": OPT_INT, "tokens": int, "token_vocab": int, "token_dim": int,
+               "token_repeats": int, "extra": dict},
+    "config_table": {"name": str, "rows": int, "dim": int, "dtype": str, "bytes": int},
+    "machine": {"platform": str, "machine": str, "python": str, "cpu_model": OPT_STR, "cpu_count": OPT_INT,
+                "cpu_affinity": OPT_INT, "memory_bytes": OPT_INT, "versions": dict, "env": dict, "timer": "timer"},
+    "timer": {"clock": str, "resolution_s": NUM, "loop_overhead_s": NUM},
+    "error": {"variant": str, "error": str},
+    "skip": {"variant": str, "reason": str},
     "cpu": {"wall_s": NUM, "load_average_start": (list, type(None)), "load_average_end": (list, type(None)),
             "busy_cores": OPT_NUM, "self_cores": NUM, "other_cores": OPT_NUM},
     "variant": {"name": str, "framework": str, "kind": str, "threads": OPT_INT, "form": str, "description": str,
@@ -38,12 +48,20 @@ FIELDS: dict[str, dict[str, Any]] = {
              "ratio_q1": NUM, "ratio_q3": NUM, "cpu_ratio": NUM, "adapter_median_s": NUM, "raw_median_s": NUM,
              "pairs": int, "inner": int, "noise_ratio": NUM, "noise_q1": NUM, "noise_q3": NUM},
     "tokens": {"tokens": int, "vocab": int, "dim": int, "distribution": str, "results": "list:token_result",
-               "skipped": list, "errors": list},
+               "skipped": "list:skip", "errors": "list:error"},
     "token_result": {"variant": str, **STATS, "per_token_s": NUM, "speedup_vs_gensim": OPT_NUM},
     "target": {"name": str, "description": str, "comparison": str, "threshold": NUM, "value": OPT_NUM,
                "value_cpu": OPT_NUM, "unit": str, "passed": (bool, type(None)), "detail": str},
 }
 KINDS = ("adapter", "raw", "limit")
+#: The values an enumerated field may take: (path of the list or object, field) -> allowed values.
+MODES = ("quick", "full", "quick+custom", "full+custom")
+ENUMS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("variants", "kind"): KINDS, ("variants", "form"): ("alloc", "out"),
+    ("variants", "framework"): ("numpy", "torch", "onnxruntime", "tensorflow", "keras", "gensim", "memory"),
+    ("results", "distribution"): ("uniform", "zipf"), ("pairs", "distribution"): ("uniform", "zipf"),
+    ("targets", "comparison"): ("<=", ">="), ("targets", "unit"): ("s", "x", "fraction"),
+}
 NOISY_OTHER_CORES = 0.2
 
 
@@ -69,9 +87,16 @@ def validate(doc: Any) -> list[str]:
         problems.append(f"$.schema is {doc['schema']!r}, expected {SCHEMA!r}")
     names = {v["name"] for v in doc["variants"]}
     tables = {t["name"] for t in doc["tables"]}
-    for i, v in enumerate(doc["variants"]):
-        if v["kind"] not in KINDS:
-            problems.append(f"$.variants[{i}].kind {v['kind']!r} is not one of {KINDS}")
+    for mode, where in ((doc["mode"], "$.mode"), (doc["config"]["mode"], "$.config.mode")):
+        if mode not in MODES:
+            problems.append(f"{where} {mode!r} is not one of {MODES}")
+    for (section, key), allowed in ENUMS.items():
+        for i, item in enumerate(doc[section]):
+            if item[key] not in allowed:
+                problems.append(f"$.{section}[{i}].{key} {item[key]!r} is not one of {allowed}")
+    for where, loads in (("start", doc["cpu"]["load_average_start"]), ("end", doc["cpu"]["load_average_end"])):
+        if loads is not None and not all(isinstance(x, NUM) and not isinstance(x, bool) for x in loads):
+            problems.append(f"$.cpu.load_average_{where} should hold numbers")
     for i, r in enumerate(doc["results"]):
         if r["variant"] not in names or r["table"] not in tables:
             problems.append(f"$.results[{i}] names an unknown variant or table ({r['variant']}, {r['table']})")

@@ -182,6 +182,25 @@ def test_validate_names_the_problem(run: tuple[dict[str, Any], Path, dict[str, P
     assert len(validate(doc)) == 2
 
 
+@pytest.mark.parametrize(("change", "problem"), [
+    (lambda d: d.update(config={}), "$.config.tables is missing"),
+    (lambda d: d["machine"].pop("memory_bytes"), "$.machine.memory_bytes is missing"),
+    (lambda d: d["machine"].update(timer={}), "$.machine.timer.clock is missing"),
+    (lambda d: d["results"][0].update(distribution="gaussian"), "$.results[0].distribution 'gaussian' is not one of"),
+    (lambda d: d["variants"][0].update(framework="jax"), "$.variants[0].framework 'jax' is not one of"),
+    (lambda d: d["targets"][0].update(unit="furlongs"), "$.targets[0].unit 'furlongs' is not one of"),
+    (lambda d: d["targets"][0].update(comparison="=="), "$.targets[0].comparison '==' is not one of"),
+    (lambda d: d.update(mode="turbo"), "$.mode 'turbo' is not one of"),
+    (lambda d: d.update(errors=[{"oops": 1}]), "$.errors[0].variant is missing"),
+    (lambda d: d["cpu"].update(load_average_start=["a"]), "$.cpu.load_average_start should hold numbers"),
+])
+def test_validate_holds_the_whole_documented_schema(run: tuple[dict[str, Any], Path, dict[str, Path]],
+                                                     change: Any, problem: str) -> None:
+    doc = json.loads(run[2]["json"].read_text())
+    change(doc)
+    assert any(p.startswith(problem) for p in validate(doc)), validate(doc)
+
+
 def test_zipf_ids_are_skewed_and_in_range() -> None:
     rng = np.random.default_rng(0)
     ids = make_ids(1000, 20000, "zipf", rng)
