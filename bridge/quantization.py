@@ -21,7 +21,10 @@ Why these are exact in every framework: a cast of an integer of at most 16 bits 
 DequantizeLinear subtracts in int32 before casting; the result is the same number). What remains is one
 correctly rounded ``/`` or ``*`` (after one ``-``), which numpy, torch, onnxruntime and TensorFlow all
 compute the same way. A float16 result is computed in float32 and rounded once more; for a single
-``+ - * /`` of float16 inputs that second rounding is exact (24 >= 2 * 11 + 2 bits).
+``+ - * /`` of float16 inputs that second rounding is exact (24 >= 2 * 11 + 2 bits). Where that argument
+fails, the table is refused (:meth:`Quantization.check`): float16 output from a 16-bit table or zero point
+(``q - zero`` is not exact in float16, onnxruntime subtracts exactly), and a NaN in a scale with float16
+involved (onnxruntime returns the canonical NaN, NumPy and torch keep the payload).
 
 ``scale`` keeps the dtype it was stored with and is cast to ``out_dtype`` (a widening, or nothing,
 for every source this package reads).
@@ -117,17 +120,37 @@ class Quantization:
 
     def check(self, rows: int, dim: int, q_dtype: np.dtype[Any], table: str = "table") -> None:
         """Raise :class:`InputError` unless the parameters fit an integer table of ``rows`` x ``dim``
-        (:class:`UnsupportedError` for a table dtype no scheme serves)."""
+        (:class:`UnsupportedError` for a table dtype no scheme serves, and for parameters the backends cannot
+        serve bit for bit as onnxruntime does: see :meth:`_check_exact`)."""
         q_dtype = np.dtype(q_dtype)
         if q_dtype.kind not in "iu" or q_dtype.itemsize > 2 or (self.out_dtype == "float16" and q_dtype.itemsize > 1):
             raise UnsupportedError(
                 f"table {table!r}: a quantized table holds 8- or 16-bit integers (8-bit for float16 output), "
                 f"got {q_dtype}"
             )
+        self._check_exact(table)
         want = self._scale_shape(rows, dim)
         if tuple(self.scale.shape) != want:
             raise InputError(f"table {table!r} ({rows} x {dim}): {self.scheme} scale must have shape {want}, "
                              f"got {tuple(self.scale.shape)}")
+
+    def _check_exact(self, table: str) -> None:
+        """:class:`UnsupportedError` where the backends cannot agree bit for bit with onnxruntime on a float16
+        output: a zero point wider than 8 bits (``q - zero`` is not exact in float16; onnxruntime subtracts
+        exactly) or a NaN in a scale (onnxruntime returns the canonical NaN, NumPy and torch keep its payload)."""
+        zp = self.zero_point
+        if self.out_dtype == "float16" and zp is not None and zp.dtype.itemsize > 1:
+            raise UnsupportedError(
+                f"table {table!r}: its zero point is {zp.dtype} and its vectors float16, but q - zero is exact in "
+                "float16 only for 8-bit zero points (onnxruntime subtracts exactly, NumPy and torch would round); "
+                "dequantize it to float32 (a float32 scale), or use 8-bit zero points"
+            )
+        if "float16" in (self.out_dtype, self.scale.dtype.name) and np.isnan(self.scale).any():
+            raise UnsupportedError(
+                f"table {table!r}: its {self.scale.dtype} scale holds NaN and its vectors are {self.out_dtype}: "
+                "onnxruntime returns the canonical NaN where NumPy and torch keep a NaN's payload bits, so no "
+                "backend can match the model bit for bit; replace the NaNs in the scale"
+            )
 
     def _scale_shape(self, rows: int, dim: int) -> tuple[int, ...]:
         if self.scheme == "row_div":

@@ -6,7 +6,9 @@ model and picks the scheme with the same arithmetic (see :mod:`bridge.quantizati
 ==================================================  ==========================================
 graph (``q`` the integer table)                      Quantization
 ==================================================  ==========================================
-``Cast(Gather(q, i)) / Unsqueeze(Gather(s, i))``     ``row_div``, scale ``s`` [V] (Keras int8, int4)
+``Cast(Gather(q, i)) / Unsqueeze(Gather(s, i))``     ``row_div``, scale ``s`` [V] (Keras int8, int4); a widening
+                                                     ``Cast`` of the gathered ``s`` (float16 -> float32) is
+                                                     applied to the stored scale
 ``Cast(Gather(q, i)) * Unsqueeze(Gather(s, i))``     ``mul``, axis 0
 ``(Cast(Gather(q, i)) - Cast(Z[i][:, g])) * S[i][:, g]``  ``group_affine`` (Keras int4, block_size > 0)
 ``Gather(DequantizeLinear(q, s[, z]), i)``           ``affine`` (per tensor, axis 0 or 1), or
@@ -18,12 +20,16 @@ The served dtype is the scale's dtype (ONNX ``Div``/``Mul``/``DequantizeLinear``
 ``DequantizeLinear``'s ``output_dtype`` (opset 23) where every scale is exact in it (else refused: onnxruntime
 rounds the product, not the scale).
 Anything else raises :class:`~bridge.errors.UnsupportedError` naming the pattern: storing the integer
-table as if it were the embedding would serve wrong vectors.
+table as if it were the embedding would serve wrong vectors. So does an integer table whose gathered rows
+reach a ``DequantizeLinear``, or a ``Mul``/``Div``/``Sub`` after a Cast to a float type, in a way none of the
+above matches (the scan's ``"unrecognized"`` scheme; bfloat16 dequantization is refused as such), one read
+both dequantized and raw, and one whose readers dequantize it with different schemes or parameter values
+(the same values under other names are one dequantization).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,7 @@ import onnx
 from bridge.errors import InputError, UnsupportedError
 from bridge.onnx_io import initializer_array
 from bridge.quantization import OUT_DTYPES, Quantization
+from bridge.quantization_readers import check_readers, check_same_values, readers
 from bridge.scan import TableRef, table_tensor
 
 
@@ -75,11 +82,25 @@ class _Reader:
 
 
 def quantization_from_ref(model: onnx.ModelProto, ref: TableRef, base_dir: Path | None = None) -> Quantization | None:
-    """The :class:`Quantization` of table ``ref`` in ``model`` (None when the scan found none)."""
-    info = ref.quantization
-    if not info:
+    """The :class:`Quantization` of table ``ref`` in ``model`` (None when the scan found none).
+
+    Every reader of the table must see one dequantization: a table whose readers dequantize it with different
+    parameters (by value: the same parameters under other names are one dequantization), or that is read both
+    dequantized and raw, or dequantized in a way the scan does not recognise, is refused.
+    """
+    if not ref.quantization:
         return None
     reader = _Reader(model, ref, base_dir)
+    found = readers(ref)
+    check_readers(ref, found)
+    quants = [(_build(reader, info), uses) for info, uses in found if info]
+    check_same_values(ref, quants)
+    return quants[0][0]
+
+
+def _build(reader: _Reader, info: dict[str, Any]) -> Quantization:
+    """The :class:`Quantization` of one dequantization ``info`` of the table."""
+    ref = reader.ref
     build = _SCHEMES.get(str(info.get("scheme")))
     if build is None:
         raise reader.unsupported(f"scheme {info.get('scheme')!r} is unknown")
@@ -137,10 +158,26 @@ def _dql_out_dtype(reader: _Reader, scale: np.ndarray, output_dtype: str | None)
 
 
 def _row_scale(reader: _Reader, info: dict[str, Any]) -> Quantization:
-    scale = _required(reader, info, "scale")
+    scale = _widened(reader, _required(reader, info, "scale"), info.get("scale_casts") or ())
     if info.get("op") == "Mul":
         return Quantization("mul", scale, axis=0, out_dtype=_out_dtype(reader, scale))
     return Quantization("row_div", scale, out_dtype=_out_dtype(reader, scale))
+
+
+def _widened(reader: _Reader, scale: np.ndarray, casts: Sequence[str]) -> np.ndarray:
+    """The scale as the model divides by it: through the Casts after its Gather (``Cast(Gather(S_f16), FLOAT)``),
+    each a widening that keeps every value (float16 or bfloat16 to float32 or float64, float32 to float64)."""
+    for to in casts:
+        if to == scale.dtype.name:
+            continue
+        if (scale.dtype.name, to) not in _WIDENINGS:
+            raise reader.unsupported(f"its gathered scale is cast from {scale.dtype.name} to {to}, which does not "
+                                     "keep every value (widening float casts are supported)")
+        scale = scale.astype(np.dtype(to))
+        if np.isnan(scale).any():
+            raise reader.unsupported("its scale holds NaN and the model casts it: onnxruntime's cast need not keep "
+                                     "a NaN's bits; replace the NaNs")
+    return scale
 
 
 def _group_affine(reader: _Reader, info: dict[str, Any]) -> Quantization:
@@ -205,6 +242,9 @@ def _required(reader: _Reader, info: dict[str, Any], key: str) -> np.ndarray:
 
 
 _INTEGERS = frozenset({"int8", "uint8", "int16", "uint16"})  # scan's dtype names ("int4" is ONNX's, not numpy's)
+#: casts of a gathered scale that keep every value: (from, to) dtype names
+_WIDENINGS = frozenset({("float16", "float32"), ("float16", "float64"), ("bfloat16", "float32"),
+                        ("bfloat16", "float64"), ("float32", "float64")})
 #: scan schemes applied in front of the Gather, and the link op that applies them
 _LINK_OPS = {"dequantize_linear": "DequantizeLinear", "mul_cast": "Mul"}
 

@@ -84,8 +84,10 @@ class TableRef:
     """An embedding table found in a model: where it is and who reads it.
 
     ``source`` is ``"initializer"`` or ``"constant"`` (the output of a ``Constant`` node).
-    ``quantization`` comes from the first gather that dequantizes the table, if any. ``slices``
-    are ``Slice`` nodes reading the first rows (``W[:n]``, a position table read by length).
+    ``quantization`` comes from the first gather that dequantizes the table, if any; ``dequantizations``
+    holds what each of ``gathers + slices`` reads, in that order (None: the raw table), so that
+    :mod:`bridge.quantization_onnx` can refuse a table dequantized two ways, or read both dequantized
+    and raw. ``slices`` are ``Slice`` nodes reading the first rows (``W[:n]``, a position table read by length).
     """
 
     initializer: str
@@ -99,6 +101,7 @@ class TableRef:
     quantization: dict[str, Any] | None = field(default=None, hash=False)
     source: str = "initializer"
     slices: tuple[Use, ...] = ()
+    dequantizations: tuple[dict[str, Any] | None, ...] = field(default=(), hash=False)
 
     @property
     def consumers(self) -> tuple[Use, ...]:
@@ -189,10 +192,11 @@ def _check_no_function_calls(model: onnx.ModelProto) -> None:
 
 
 def _quantization_params(ref: TableRef) -> list[TableKey]:
-    """``(graph path, name)`` of the scale / zero point constants of ``ref``'s dequantization: parameters, not
+    """``(graph path, name)`` of the scale / zero point constants of ``ref``'s dequantizations: parameters, not
     tables of their own (Keras int4 gathers its ``[rows, groups]`` scale and zero point with the table's ids)."""
-    quant = ref.quantization or {}
-    return [(str(quant.get(f"{role}_graph", ref.graph)), name) for role in ("scale", "zero_point")
+    infos = [q for q in (ref.quantization, *ref.dequantizations) if q]
+    infos += [also for q in infos for also in q.get("also", ())]
+    return [(str(quant.get(f"{role}_graph", ref.graph)), name) for quant in infos for role in ("scale", "zero_point")
             if isinstance(name := quant.get(role), str)]
 
 
@@ -444,7 +448,8 @@ class _Found:
 
 def _step(index: _Index, consumer: _Consumer, via: tuple[str, ...], const: _Const) -> Step:
     return Step(consumer.node, consumer.label, consumer.input_index, via, len(const.tensor.dims),
-                _View(index, index.scopes[consumer.graph]), table_graph=const.key[0])
+                _View(index, index.scopes[consumer.graph]), table_graph=const.key[0],
+                table_type=int(const.tensor.data_type))
 
 
 def _trace(index: _Index, const: _Const) -> list[_Found]:
@@ -520,6 +525,7 @@ def _table_ref(const: _Const, found: list[_Found]) -> TableRef | None:
         tied=tuple(_use(f) for f in by_role["tied"]), other=tuple(_use(f) for f in by_role["other"]),
         external=external_data_info(const.tensor), quantization=quant, source=const.source,
         slices=tuple(_use(f) for f in by_role["slice"]),
+        dequantizations=tuple(f.quantization for f in by_role["gather"] + by_role["slice"]) if quant else (),
     )
 
 

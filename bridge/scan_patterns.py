@@ -9,7 +9,9 @@ follows the node's output. A *role* pattern classifies a node that ends the chai
 adding a pattern is writing one function and listing it under its op type. An *after-gather*
 pattern recognises dequantization applied to the gathered rows (Keras int8 divides them by a
 per-row scale gathered with the same ids; Keras int4 with blocks subtracts a zero point and multiplies
-by a scale, both ``[rows, groups]`` and gathered with the same ids).
+by a scale, both ``[rows, groups]`` and gathered with the same ids); every match is kept, and the rows of an
+integer table dequantized in a way no pattern recognises are marked ``"unrecognized"`` (refused later, never
+stored as raw integers).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class Step:
     """A node reading a table-derived value at ``input_index``, reached through ``via``.
 
     ``rank`` is the table's rank; ``view`` answers questions about the node's surroundings;
-    ``table_graph`` is the path of the graph defining the table.
+    ``table_graph`` is the path of the graph defining the table, ``table_type`` its ONNX element type.
     """
 
     node: onnx.NodeProto
@@ -68,6 +70,7 @@ class Step:
     rank: int
     view: GraphView
     table_graph: str = ""
+    table_type: int = 0  # the table's ONNX element type (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -283,16 +286,26 @@ def _producer_through(graph: GraphView, name: str, ops: frozenset[str]) -> tuple
     return found
 
 
-def _row_scale(graph: GraphView, name: str, ids: ValueKey) -> ValueKey | None:
-    """The rank-1 constant ``S`` if ``name`` is ``Gather(S, ids)``, possibly reshaped; else None."""
-    found = _producer_through(graph, name, _RESHAPES)
+def _row_scale(graph: GraphView, name: str, ids: ValueKey) -> tuple[ValueKey, list[str]] | None:
+    """``(S, casts)`` if ``name`` is ``Gather(S, ids)`` of a rank-1 constant ``S``, possibly reshaped and cast
+    (``casts``: the dtype names of the Casts after the Gather, first applied first); else None."""
+    casts: list[str] = []
+    found = graph.producer(name)
+    for _ in range(8):
+        if found is None or found[0].op_type not in _RESHAPES | {"Cast"} or not found[0].input:
+            break
+        if found[0].op_type == "Cast":
+            casts.insert(0, onnx_type_name(attr_int(found[0], "to", 0)))
+        found = found[1].producer(found[0].input[0])
     if found is None:
         return None
     node, view = found
     if node.op_type != "Gather" or len(node.input) < 2 or view.key(node.input[1]) != ids:
         return None
     scale = view.constant(node.input[0])
-    return scale if scale is not None and len(view.constant_shape(node.input[0]) or ()) == 1 else None
+    if scale is None or len(view.constant_shape(node.input[0]) or ()) != 1:
+        return None
+    return scale, casts
 
 
 def _consumers_of_cast_rows(step: Step) -> Iterator[tuple[onnx.NodeProto, int, GraphView, ValueKey]]:
@@ -307,15 +320,21 @@ def _consumers_of_cast_rows(step: Step) -> Iterator[tuple[onnx.NodeProto, int, G
                 yield consumer, index, view, ids
 
 
-def keras_row_scale(step: Step) -> dict[str, Any] | None:
-    """Keras int8: ``Cast(Gather(Q, ids)) / Unsqueeze(Gather(S, ids))`` (or ``*``), ``S`` of shape [rows]."""
+def keras_row_scale(step: Step) -> list[dict[str, Any]]:
+    """Keras int8: ``Cast(Gather(Q, ids)) / Unsqueeze(Gather(S, ids))`` (or ``*``), ``S`` of shape [rows]; every match.
+
+    Casts of the gathered scale are recorded as ``scale_casts`` (``Cast(Gather(S_f16, ids), FLOAT)``);
+    :mod:`bridge.quantization_onnx` accepts them where they keep every value (a widening).
+    """
+    found = []
     for op_node, index, view, ids in _consumers_of_cast_rows(step):
         if op_node.op_type not in ("Div", "Mul") or (op_node.op_type == "Div" and index != 0):
             continue
         scale = _row_scale(view, op_node.input[1 - index], ids)
         if scale is not None:
-            return {"scheme": "row_scale", "op": op_node.op_type, **params(step, scale=scale)}
-    return None
+            casts = {"scale_casts": scale[1]} if scale[1] else {}
+            found.append({"scheme": "row_scale", "op": op_node.op_type, **params(step, scale=scale[0]), **casts})
+    return found
 
 
 def _grouped_param(graph: GraphView, name: str, ids: ValueKey) -> tuple[ValueKey, ValueKey] | None:
@@ -336,12 +355,13 @@ def _grouped_param(graph: GraphView, name: str, ids: ValueKey) -> tuple[ValueKey
     return (param, g_idx) if param is not None and len(inner_view.constant_shape(gather.input[0]) or ()) == 2 else None
 
 
-def keras_group_affine(step: Step) -> dict[str, Any] | None:
-    """Keras int4 with ``block_size``: ``(Cast(Gather(Q, ids)) - Cast(Z[ids][:, g])) * S[ids][:, g]``.
+def keras_group_affine(step: Step) -> list[dict[str, Any]]:
+    """Keras int4 with ``block_size``: ``(Cast(Gather(Q, ids)) - Cast(Z[ids][:, g])) * S[ids][:, g]``; every match.
 
     ``Z`` (int8) and ``S`` (float) are ``[rows, groups]`` constants, each read as
     ``Gather(Gather(P, ids), g_idx, axis=-1)`` with one constant ``g_idx`` (the group of each column).
     """
+    found = []
     for sub, index, view, ids in _consumers_of_cast_rows(step):
         zero = _grouped_param(view, sub.input[1], ids) if sub.op_type == "Sub" and index == 0 else None
         if zero is None or not sub.output:
@@ -349,21 +369,85 @@ def keras_group_affine(step: Step) -> dict[str, Any] | None:
         for mul, m_index, mul_view in view.consumers(sub.output[0]):
             scale = _grouped_param(mul_view, mul.input[1 - m_index], ids) if mul.op_type == "Mul" else None
             if scale is not None and scale[1] == zero[1]:
-                return {"scheme": "group_affine", **params(step, scale=scale[0], zero_point=zero[0], g_idx=zero[1])}
+                found.append({"scheme": "group_affine",
+                              **params(step, scale=scale[0], zero_point=zero[0], g_idx=zero[1])})
+    return found
+
+
+_T = onnx.TensorProto
+_INTEGER_TYPES = frozenset({_T.INT8, _T.UINT8, _T.INT16, _T.UINT16, _T.INT32, _T.UINT32, _T.INT64, _T.UINT64,
+                            _T.INT4, _T.UINT4})
+_FLOAT_NAMES = frozenset({"float16", "float32", "float64", "bfloat16"})
+_ROW_PASSES = frozenset({"Identity", "Cast", "Reshape", "Unsqueeze", "Squeeze", "Expand", "Flatten"})
+_FLOAT_ARITHMETIC = frozenset({"Mul", "Div", "Sub"})
+_MAX_WALK = 32
+
+
+def _gathers_integers(step: Step) -> bool:
+    """Whether ``step.node`` gathers integers: an integer table whose links (``step.via``) are Identity nodes
+    and Casts to integer types only."""
+    if step.table_type not in _INTEGER_TYPES or not step.node.input:
+        return False
+    found = step.view.producer(step.node.input[0])
+    for _ in step.via:
+        if found is None or found[0].op_type not in ("Identity", "Cast") or not found[0].input:
+            return False
+        node, view = found
+        if node.op_type == "Cast" and attr_int(node, "to", 0) not in _INTEGER_TYPES:
+            return False
+        found = view.producer(node.input[0])
+    return True
+
+
+def _dequantizes(node: onnx.NodeProto, index: int, casts: tuple[str, ...]) -> bool:
+    """Whether ``node`` reading gathered integers (cast to ``casts`` on the way) at ``index`` dequantizes them."""
+    if node.op_type == "DequantizeLinear":
+        return index == 0
+    return node.op_type in _FLOAT_ARITHMETIC and any(c in _FLOAT_NAMES for c in casts)
+
+
+def unrecognized_dequantization(step: Step) -> dict[str, Any] | None:
+    """An integer table whose gathered rows reach a ``DequantizeLinear``, or a ``Mul``/``Div``/``Sub`` after a
+    Cast to a float type (through Identity, Cast and reshapes), that no after-gather pattern recognised.
+
+    Scheme ``"unrecognized"`` (``op``, ``node``, ``casts``: the dtype names of the Casts on the way), which
+    :mod:`bridge.quantization_onnx` refuses: storing the integers as the table would serve wrong vectors.
+    """
+    if not step.node.output or not _gathers_integers(step):
+        return None
+    stack: list[tuple[str, GraphView, tuple[str, ...]]] = [(step.node.output[0], step.view, ())]
+    for _ in range(_MAX_WALK):
+        if not stack:
+            break
+        name, view, casts = stack.pop()
+        for node, index, node_view in view.consumers(name):
+            if _dequantizes(node, index, casts):
+                label = node.name or (node.output[0] if node.output else node.op_type)
+                return {"scheme": "unrecognized", "op": node.op_type, "node": label, "casts": list(casts)}
+            if node.op_type in _ROW_PASSES and index == 0 and node.output:
+                cast = (onnx_type_name(attr_int(node, "to", 0)),) if node.op_type == "Cast" else ()
+                stack.append((node.output[0], node_view, casts + cast))
     return None
 
 
-#: Patterns that recognise dequantization of the rows a table Gather returns; first match wins.
-AFTER_GATHER_PATTERNS: tuple[Callable[[Step], dict[str, Any] | None], ...] = (keras_row_scale, keras_group_affine)
+#: Patterns that recognise dequantization of the rows a table Gather returns, each listing every match.
+AFTER_GATHER_PATTERNS: tuple[Callable[[Step], list[dict[str, Any]]], ...] = (keras_row_scale, keras_group_affine)
 
 
 def match_after_gather(step: Step) -> dict[str, Any] | None:
-    """The quantization applied to the rows gathered by ``step.node``, or None."""
+    """The quantization applied to the rows gathered by ``step.node``, or None.
+
+    Rows dequantized more than once (tf2onnx merges the equal integer tables of two layers, and their
+    lookups, keeping each layer's scale) list the other dequantizations under ``"also"``. An integer table
+    whose rows no pattern recognises gets :func:`unrecognized_dequantization`'s mark where they are
+    dequantized anyway.
+    """
+    found: list[dict[str, Any]] = []
     for pattern in AFTER_GATHER_PATTERNS:
-        quant = pattern(step)
-        if quant is not None:
-            return quant
-    return None
+        found.extend(q for q in pattern(step) if q not in found)
+    if len(found) > 1:
+        return {**found[0], "also": found[1:]}
+    return found[0] if found else unrecognized_dequantization(step)
 
 
 def gather_miss_reason(step: Step) -> str | None:

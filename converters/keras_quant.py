@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from bridge.quantization import Quantization
 from converters.keras_env import import_keras, to_numpy
 from converters.keras_map import same_bytes
@@ -79,9 +81,20 @@ def _mismatch(quant: Quantization, layer: Any, expected: tuple[str, int | None])
     scheme, group_size = expected
     if (quant.scheme, quant.group_size) != (scheme, group_size):  # from g_idx: at most the table's dim
         return f"scheme {quant.scheme} (group_size {quant.group_size}), Keras computes {scheme} ({group_size})"
-    if not same_bytes(to_numpy(layer.embeddings_scale), quant.scale):
+    if not same_bytes(keras_scale(layer), quant.scale):
         return "the scale differs from layer.embeddings_scale"
     zero = getattr(layer, "embeddings_zero", None) if scheme == "group_affine" else None
     if zero is not None and (quant.zero_point is None or not same_bytes(to_numpy(zero), quant.zero_point)):
         return "the zero point differs from layer.embeddings_zero"
     return ""
+
+
+def keras_scale(layer: Any) -> np.ndarray:
+    """``layer.embeddings_scale`` as the layer computes with it: a float variable read inside ``call`` is cast to
+    the layer's compute dtype (autocast: float16 under ``mixed_float16``), which tf2onnx folds into the model."""
+    variable = layer.embeddings_scale
+    stored, compute = str(variable.dtype), str(getattr(layer, "compute_dtype", "") or "")
+    if "float" in stored and "float" in compute and stored != compute and getattr(variable, "autocast", True):
+        _, keras = import_keras()
+        return to_numpy(keras.ops.cast(variable, compute))
+    return to_numpy(variable)

@@ -161,11 +161,22 @@ class OnnxruntimeLookup(StagedLookup):
             self._gather(np.zeros(n, np.int64), out)
             got = out[-1:].tobytes()
             if got != first.tobytes():
-                what = ("did not write row 0 into the bound output buffer" if got == b"\xa5" * len(got) else
-                        "wrote a row 0 that differs from NumPy's (dequantized, for a quantized table)")
-                raise BackendError(
-                    f"onnxruntime {self._ort_version} {what}; use backend='numpy' or 'torch', or onnxruntime 1.31"
-                )
+                raise self._probe_error(got == b"\xa5" * len(got))
+
+    def _probe_error(self, unwritten: bool) -> BackendError:
+        """The start-up check's failure: onnxruntime wrote nothing, or a row 0 that differs from NumPy's."""
+        quant = self.table.quantization
+        if quant is not None and not unwritten:  # the arithmetic differs: no backend is known to be right
+            return BackendError(
+                f"onnxruntime {self._ort_version} dequantizes row 0 of table {self.table.name!r} ({quant.scheme}, "
+                f"{quant.out_dtype}) differently from NumPy, so this table cannot be served exactly on every "
+                "backend; check each backend against the model (embridge parity --onnx) before using any of them"
+            )
+        what = "did not write row 0 into the bound output buffer" if unwritten else \
+            "wrote a row 0 that differs from NumPy's"
+        return BackendError(
+            f"onnxruntime {self._ort_version} {what}; use backend='numpy' or 'torch', or onnxruntime 1.31"
+        )
 
     def _gather_direct(self, ids: np.ndarray, out: np.ndarray) -> None:
         ids64 = np.ascontiguousarray(ids, dtype=np.int64)  # >= 1-D; named: ORT reads it during the run

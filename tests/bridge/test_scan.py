@@ -294,7 +294,7 @@ def test_keras_int8_row_scale_after_gather(onnx_kit) -> None:
 
 def test_row_scale_gathered_with_other_ids_is_not_quantization(onnx_kit) -> None:
     model = _row_scale_model(onnx_kit, np.ones((6, 4), np.int8), np.ones(6, np.float32), scale_ids="other")
-    assert _only(model).quantization is None
+    assert (_only(model).quantization or {}).get("scheme") == "unrecognized"  # not row_scale; extract refuses it
 
 
 @pytest.mark.slow
