@@ -99,6 +99,9 @@ def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike[str], *, plots
 def _no_interrupts() -> Iterator[None]:
     """Hold Ctrl-C back while the block runs, then deliver it (main thread only; elsewhere nothing is held)."""
     held: list[Any] = []
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # Ctrl-C is ignored anyway
+        yield
+        return
     try:
         previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
     except ValueError:  # not the main thread

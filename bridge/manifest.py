@@ -29,7 +29,8 @@ Schema ``embedding-bridge/1`` (all paths relative to the store directory, ``/``-
       "vocabularies": [{
           "name": "tok_emb", "file": "vocab/tok_emb.txt", "size": 1000, "sha256": "...",
           "oov_id": 1, "reserved": {"mask": 0, "oov": 1}, "source": "string_lookup",
-          "aliases": {"colour": 7},              # optional: more tokens for an id (ONNX CategoryMapper)
+          "aliases": {"colour": 7},              # optional: more tokens for an id (ONNX CategoryMapper),
+                                                 # escaped as vocabulary lines are (bridge.vocab)
           "unnamed": [0]                         # optional: ids whose line is a placeholder, not a token
       }],
       "files": {"model.onnx": {"sha256": "...", "bytes": 1234}}   # other files written with the store

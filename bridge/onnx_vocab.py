@@ -163,7 +163,7 @@ def _row_bound(ref: TableRef) -> int:
 
 def _vocabulary(ref: TableRef, graphs: dict[str, onnx.GraphProto]) -> OnnxVocab | None:
     """The one vocabulary of the CategoryMappers feeding ``ref``'s Gathers; None if none, or several differ."""
-    vocabs: dict[tuple[tuple[str, ...], int | None], OnnxVocab] = {}
+    vocabs: dict[tuple[Any, ...], OnnxVocab] = {}
     for use in ref.gathers:
         graph = graphs.get(use.graph)
         if graph is None:
@@ -172,7 +172,8 @@ def _vocabulary(ref: TableRef, graphs: dict[str, onnx.GraphProto]) -> OnnxVocab 
         for position, mapper in feeding_mappers(graph, gather) if gather is not None else []:
             vocab = mapper_vocabulary(mapper, node_label(mapper, position), rows=_row_bound(ref))
             if vocab is not None:
-                vocabs[(tuple(vocab.vocabulary.tokens), vocab.vocabulary.oov_id)] = vocab
+                v = vocab.vocabulary
+                vocabs[(tuple(v.tokens), v.oov_id, tuple(sorted(v.aliases.items())), v.unnamed)] = vocab
     return next(iter(vocabs.values())) if len(vocabs) == 1 else None
 
 

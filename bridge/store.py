@@ -25,7 +25,7 @@ from bridge.npyio import file_sha256, open_npy, verify_sha256, write_npy
 from bridge.paths import safe_child_path
 from bridge.quantization import Quantization
 from bridge.table import EmbeddingTable, SourceRef
-from bridge.vocab import Vocabulary
+from bridge.vocab import Vocabulary, escape_token, unescape_token
 
 ExtraFile = bytes | Path
 _OWN_DIRS = ("tables", "vocab")  # the store's own folders (with manifest.json): no extra file goes there
@@ -176,7 +176,7 @@ def _write_vocab(root: Path, name: str, stem: str, vocab: Vocabulary) -> dict[st
         "oov_id": vocab.oov_id,
         "reserved": dict(vocab.reserved),
         "source": vocab.source,
-        **({"aliases": dict(vocab.aliases)} if vocab.aliases else {}),
+        **({"aliases": {escape_token(k): v for k, v in vocab.aliases.items()}} if vocab.aliases else {}),
         **({"unnamed": list(vocab.unnamed)} if vocab.unnamed else {}),
     }
 
@@ -239,7 +239,8 @@ class Store(Mapping[str, EmbeddingTable]):
         vocab = Vocabulary.load(
             self.file_path(entry["file"]), oov_id=entry.get("oov_id"),
             reserved=dict(entry.get("reserved") or {}), source=entry.get("source"),
-            aliases=dict(entry.get("aliases") or {}), unnamed=tuple(entry.get("unnamed") or ()),
+            aliases={unescape_token(k): v for k, v in (entry.get("aliases") or {}).items()},
+            unnamed=tuple(entry.get("unnamed") or ()),
         )
         if len(vocab) != entry.get("size", len(vocab)):
             raise StoreError(f"vocabulary {name!r} has {len(vocab)} tokens, the manifest says {entry['size']}")

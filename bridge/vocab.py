@@ -33,9 +33,14 @@ _OOV_NAME = re.compile(r"oov(_[0-9]+)?")  # reserved names of OOV ids: oov, oov_
 
 def escape_token(token: str) -> str:
     """Escape one token for the one-token-per-line text format."""
+    return _escape_surrogates(_escape_lines(token))
+
+
+def _escape_lines(token: str) -> str:
+    """``token`` with backslash, newline and carriage return escaped (not its lone surrogates)."""
     if "\\" in token or "\n" in token or "\r" in token:
-        token = "".join(_ESCAPES.get(ch, ch) for ch in token)
-    return _escape_surrogates(token)
+        return "".join(_ESCAPES.get(ch, ch) for ch in token)
+    return token
 
 
 def _escape_surrogates(text: str) -> str:
@@ -194,8 +199,12 @@ class Vocabulary:
             hint = "; decode bytes first, e.g. token.decode('utf-8')" if isinstance(bad, bytes) else ""
             raise VocabularyError(f"vocabulary token {bad!r} (id {position}) is a {type(bad).__name__}, "
                                   f"not str; tokens must be strings{hint}")
-        text = "".join(escape_token(t) + "\n" for t in self.tokens)
-        Path(path).write_text(text, encoding="utf-8", newline="\n")
+        text = "".join(_escape_lines(t) + "\n" for t in self.tokens)
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # rare: lone surrogates, escaped only then (a search per token costs 2x)
+            data = _escape_surrogates(text).encode("utf-8")
+        Path(path).write_bytes(data)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], **kwargs: object) -> Vocabulary:

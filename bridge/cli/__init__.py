@@ -114,6 +114,9 @@ def _interrupts() -> Iterator[list[bool]]:
         if not isinstance(info.exc_value, KeyboardInterrupt):
             hook(info)
 
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started with Ctrl-C ignored (a background job)
+        yield seen
+        return
     try:
         previous = signal.signal(signal.SIGINT, handler)
     except ValueError:  # not the main thread (an embedding application): leave signals alone

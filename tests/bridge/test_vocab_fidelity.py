@@ -145,3 +145,36 @@ def test_tolerance_comparison_counts_nan_on_both_sides_as_agreement() -> None:
     cand[2, 1] = np.nan  # NaN on one side only
     differ = compare(ref, cand, ids, atol=1e-6, rtol=1e-6)
     assert not differ.passed and differ.mismatches == 2 and differ.max_abs_diff == np.inf
+
+
+def test_a_non_utf8_alias_survives_the_manifest(tmp_path, onnx_kit) -> None:
+    table = RNG.standard_normal((4, 2)).astype(np.float32)
+    model = lookup_model(onnx_kit, table, ["a", "x", "b"], [1, 1, 2], 0)
+    (strings,) = [a for a in model.graph.node[0].attribute if a.name == "cats_strings"]
+    strings.strings[1] = b"\xff"  # shares id 1 with "a": an alias that is not UTF-8
+    tables = attach_onnx_vocabularies(model, tables_from_onnx(model, None))
+    bridge.write_store(tmp_path / "s", tables)
+    (entry,) = json.loads((tmp_path / "s" / "manifest.json").read_text(encoding="utf-8"))["vocabularies"]
+    assert entry["aliases"] == {"\\uDCFF": 1}
+    vocab = bridge.open_store(tmp_path / "s")[tables[0].name].vocab
+    assert vocab.aliases == {"\udcff": 1} and vocab.ids(["\udcff", "a", "b"]).tolist() == [1, 1, 2]
+
+
+def test_mappers_that_differ_only_in_their_aliases_give_no_vocabulary(onnx_kit) -> None:
+    from onnx import helper
+
+    from bridge.onnx_vocab import onnx_vocabularies
+    from tests.bridge.test_onnx_vocab import mapper
+
+    table = RNG.standard_normal((3, 2)).astype(np.float32)
+    model = lookup_model(onnx_kit, table, ["a", "b"], [1, 1], 0)  # b -> 1 here ...
+    second = mapper("lookup2", "tokens", "mapped2", ["a", "c"], [1, 1], 0)  # ... but 0 through this one
+    model.graph.node.extend([second, helper.make_node("Gather", ["W", "mapped2"], ["vectors2"], name="gather2")])
+    model.graph.output.extend([onnx_kit.value("vectors2", shape=["n", 2])])
+    assert onnx_vocabularies(model) == {}
+
+
+def test_a_non_ascii_vocabulary_with_one_lone_surrogate_round_trips(tmp_path) -> None:
+    vocab = Vocabulary([f"\u8bcd{i}" for i in range(50_000)] + ["caf\udce9"])
+    vocab.save(tmp_path / "v.txt")
+    assert Vocabulary.load(tmp_path / "v.txt").tokens == vocab.tokens

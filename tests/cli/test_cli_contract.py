@@ -4,6 +4,7 @@ usage errors are one line, and Ctrl-C or a failure after a complete write says w
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,21 @@ def test_share_warns_of_a_model_it_could_not_check(tmp_path: Path, capsys: pytes
     code, out, err = _run(["share", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "sh")], capsys)
     assert code == 0 and "not checked" in out
     assert "warning: m.onnx was not checked against" in err and "dtype object" in err
+
+
+def test_a_command_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path: Path) -> None:
+    """A background job of a shell script inherits SIGINT ignored; embridge must not take it back."""
+    _model(tmp_path / "m.onnx")
+    script = f"""
+import os, signal, sys
+from bridge.cli import main, model_cmds
+rows = model_cmds.store_rows
+def interrupted(store):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C at the terminal, while the command runs
+    return rows(store)
+model_cmds.store_rows = interrupted
+sys.exit(main(["extract", {str(tmp_path / "m.onnx")!r}, "-o", {str(tmp_path / "s")!r}]))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # noqa: PLW1509
+    assert proc.returncode == 0 and "interrupted" not in proc.stderr and "store written" in proc.stdout
