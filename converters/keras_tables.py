@@ -115,6 +115,11 @@ def _vocab_for(
         warnings.append(f"table {name!r} is fed by several lookup layers ({', '.join(v.layer for v in found)}); "
                         f"the vocabulary of {found[0].layer!r} is stored")
     vocab = found[0]
+    if vocab.disagreeing:
+        warnings.append(f"table {name!r} is looked up through lookup layers with different vocabularies "
+                        f"({', '.join((vocab.layer, *vocab.disagreeing))}); the vocabulary of {vocab.layer!r} is "
+                        "stored, so tokens of the others map to other rows: look their ids up with their own "
+                        "lookup layer")
     if len(vocab.vocabulary) != data.shape[0]:
         warnings.append(f"table {name!r} has {data.shape[0]} rows but its lookup {vocab.layer!r} has "
                         f"{len(vocab.vocabulary)} tokens: ids past the vocabulary have no token")

@@ -8,7 +8,7 @@ have no graph to read; their tables get no vocabulary.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from bridge.errors import UnsupportedError
@@ -27,6 +27,8 @@ class LookupVocab:
     layer: str
     vocabulary: Vocabulary
     metadata: dict[str, Any] = field(default_factory=dict)
+    #: other lookup layers feeding the same Embedding with a different vocabulary (only this one is stored)
+    disagreeing: tuple[str, ...] = ()
 
 
 def _history_op(tensor: Any) -> Any:
@@ -140,10 +142,15 @@ def embedding_vocabularies(model: Any) -> dict[int, LookupVocab]:
     for entry in entries:
         if not isinstance(entry.layer, keras.layers.Embedding):
             continue
+        vocabs: list[LookupVocab] = []
         for node in getattr(entry.layer, "_inbound_nodes", []):
             tensors = node_tensors(node)
             lookup = _find_lookup(tensors[0], outer, lookup_types) if tensors else None
-            if lookup is not None:
-                found[id(entry.layer)] = lookup_vocabulary(lookup, paths.get(id(lookup), lookup.name))
-                break
+            if lookup is not None and all(v.layer != paths.get(id(lookup), lookup.name) for v in vocabs):
+                vocabs.append(lookup_vocabulary(lookup, paths.get(id(lookup), lookup.name)))
+        if vocabs:
+            first = vocabs[0].vocabulary
+            others = tuple(v.layer for v in vocabs[1:] if (v.vocabulary.tokens, v.vocabulary.oov_id)
+                           != (first.tokens, first.oov_id))
+            found[id(entry.layer)] = replace(vocabs[0], disagreeing=others)
     return found
