@@ -21,7 +21,7 @@ from bridge.parity import DEFAULT_BACKENDS, Comparison, LookupFn, ParityReport, 
 from bridge.store import Store, open_store
 from bridge.store_parity import store_parity
 from converters.keras_env import to_numpy
-from converters.keras_layers import embedding_layers, iter_layers
+from converters.keras_layers import embedding_layers, iter_layers, node_tensors
 from converters.keras_load import load
 from converters.keras_onnx import output_names
 from converters.keras_precision import cast_comparisons, split_cast_tables
@@ -160,14 +160,28 @@ def sample_inputs(model: Any, store: Store, seed: int = 0, batch: int = 3, lengt
     for spec in signature.inputs:
         shape = _sample_shape(spec, symbolic.get(spec.name), batch, length)
         if spec.dtype == "string":
-            if tokens is None:
+            own = _lookup_tokens(model, symbolic.get(spec.name)) or tokens  # the input's own lookup, if it has one
+            if own is None:
                 raise InputError(f"input {spec.name!r} takes strings but no table has a vocabulary")
-            out[spec.name] = rng.choice(np.array(tokens, dtype=object), size=shape)
+            out[spec.name] = rng.choice(np.array(own, dtype=object), size=shape)
         elif spec.dtype.startswith(("int", "uint")):
             out[spec.name] = rng.integers(0, rows, size=shape).astype(spec.dtype)
         else:
             out[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
     return out
+
+
+def _lookup_tokens(model: Any, tensor: Any) -> list[str] | None:
+    """The vocabulary of a ``StringLookup`` reading the Keras input ``tensor`` directly, else None."""
+    if tensor is None:
+        return None
+    for entry in iter_layers(model):
+        if type(entry.layer).__name__ == "StringLookup" and hasattr(entry.layer, "get_vocabulary"):
+            for node in getattr(entry.layer, "_inbound_nodes", []):
+                inputs = node_tensors(node)
+                if inputs and inputs[0] is tensor:
+                    return [str(t) for t in entry.layer.get_vocabulary()]
+    return None
 
 
 def _sample_shape(spec: InputSpec, tensor: Any, batch: int, length: int) -> tuple[int, ...]:

@@ -60,3 +60,20 @@ def test_strings_that_are_only_hashed_skip_the_whole_model_check_with_a_reason(k
     assert report, report.to_text()
     assert any("no sample inputs for the whole model" in c.detail and "'q' takes strings" in c.detail
                for c in report.skipped)
+
+
+def test_each_string_input_is_sampled_from_its_own_lookup(kmodels: Any, tmp_path: Path) -> None:
+    from converters.keras_parity import sample_inputs
+
+    k = kmodels.keras
+    kmodels.seed(11)
+    features = {"city": ["paris", "rome", "oslo"], "user": ["ann", "bob", "cyd", "dan"]}
+    inputs = {name: k.Input((1,), dtype="string", name=name) for name in features}
+    vectors = [k.layers.Flatten()(k.layers.Embedding(len(v) + 1, 4, name=f"{n}_emb")(
+        k.layers.StringLookup(vocabulary=v, name=f"{n}_lookup")(inputs[n]))) for n, v in features.items()]
+    model = k.Model(inputs, k.layers.Dense(1, name="head")(k.layers.Concatenate()(vectors)))
+    result = convert(model, tmp_path / "s")
+    sampled = sample_inputs(model, result.store, batch=40)  # the user input drew city names before
+    for name, vocabulary in features.items():
+        assert set(sampled[name].ravel()) <= {"[UNK]", *vocabulary}
+        assert set(sampled[name].ravel()) & set(vocabulary)
