@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bridge.table import EmbeddingTable
+from converters.keras_precision import COMPUTE_DTYPE, DTYPE_POLICY
 
 #: every difference code a report may hold, in report order
 CODES = ("mask_zero", "negative_ids", "quantized", "dtype_policy", "lora", "constraint", "regularizer")
@@ -106,8 +107,9 @@ def negative_ids(rows: int) -> SemanticDifference:
     )
 
 
-def quantized(mode: str, dtype: str) -> SemanticDifference:
-    formula = {"int8": "int8 rows / per-row scale", "int4": "(int4 rows - zero point) * block scale"}.get(
+def quantized(mode: str, dtype: str, *, blocks: bool = True) -> SemanticDifference:
+    formula = {"int8": "int8 rows / per-row scale",
+               "int4": "(int4 rows - zero point) * block scale" if blocks else "int4 rows / per-row scale"}.get(
         mode, f"{mode} rows dequantized")
     return SemanticDifference(
         "quantized",
@@ -182,7 +184,7 @@ def keras_layer_semantics(layer: Any, *, weight_dtype: str, source: str | None =
     diffs.append(negative_ids(rows))
     mode = getattr(layer, "quantization_mode", None)
     if mode:
-        diffs.append(quantized(str(mode), weight_dtype))
+        diffs.append(quantized(str(mode), weight_dtype, blocks=hasattr(layer, "embeddings_zero")))
     policy = getattr(layer, "dtype_policy", None)
     compute, variable = getattr(policy, "compute_dtype", None), getattr(policy, "variable_dtype", None)
     if policy is not None and compute != variable and weight_dtype == str(variable):  # the torch weight is
@@ -200,19 +202,23 @@ def keras_layer_semantics(layer: Any, *, weight_dtype: str, source: str | None =
 
 
 def table_semantics(table: EmbeddingTable, *, weight_dtype: str | None = None) -> SemanticsReport:
-    """The report for a table extracted from a Keras model, from what its metadata records."""
+    """The report for a table extracted from a Keras model, from what its metadata records (mask, quantization,
+    the compute dtype Keras casts rows to, LoRA); constraints and regularizers are not recorded there."""
     meta = table.metadata
     diffs: list[SemanticDifference] = []
     if meta.get("mask_zero"):
         diffs.append(mask_zero())
     if any(s.framework == "keras" for s in table.sources):
         diffs.append(negative_ids(table.rows))
+    blocks = table.quantization is None or table.quantization.scheme != "row_div"
     for mode in meta.get("keras_quantization") or ():
-        diffs.append(quantized(str(mode), weight_dtype or str(table.dtype)))
-    policy = meta.get("keras_dtype_policy")
-    if isinstance(policy, dict) and policy.get("compute_dtype") != policy.get("variable_dtype"):
-        diffs.append(dtype_policy(str(policy.get("name")), str(policy.get("variable_dtype")),
-                                  str(policy.get("compute_dtype"))))
+        diffs.append(quantized(str(mode), weight_dtype or str(table.dtype), blocks=blocks))
+    compute = meta.get(COMPUTE_DTYPE)  # Keras casts the stored rows (converters.keras_precision)
+    if compute and compute != (weight_dtype or str(table.dtype)):
+        diffs.append(dtype_policy(str(meta.get(DTYPE_POLICY) or "?"), weight_dtype or str(table.dtype), str(compute)))
+    lora_info = meta.get("lora")
+    if isinstance(lora_info, dict):
+        diffs.append(lora(int(lora_info.get("rank") or 0)))
     layers = ", ".join(s.layer for s in table.sources)
     source = f"table {table.name!r}" + (f" (layer {layers})" if layers else "")
     return SemanticsReport(source=source, rows=table.rows, dim=table.dim, dtype=weight_dtype or str(table.dtype),

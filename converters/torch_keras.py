@@ -26,9 +26,9 @@ def keras_to_torch(layer_or_table: Any, *, trainable: bool | None = None) -> tup
 
     ``layer_or_table`` is a built ``keras.layers.Embedding`` or an :class:`EmbeddingTable` extracted
     from a Keras model (its metadata tells which differences apply). For a layer, the weight is
-    ``layer.embeddings`` (LoRA folded in) in the variable dtype; a quantized layer (int8, int4, ...)
-    is dequantized by calling the layer itself on every id, so ``emb(ids)`` equals ``layer(ids)`` bit
-    for bit. The module owns a copy of the values; ``padding_idx`` is never set (a ``mask_zero``
+    ``layer.embeddings`` (LoRA folded in) in the variable dtype; a quantized layer (int8, int4, ...),
+    and a LoRA layer under mixed precision (which adds its LoRA term in the compute dtype), is read by
+    calling the layer itself on every id, so ``emb(ids)`` equals ``layer(ids)`` bit for bit. The module owns a copy of the values; ``padding_idx`` is never set (a ``mask_zero``
     layer has a mask, not a padding row). ``trainable`` defaults to the layer's own flag (False for a
     table).
     """
@@ -58,12 +58,14 @@ def _check_layer(layer: Any) -> Any:
 
 
 def keras_weight(layer: Any) -> np.ndarray:
-    """The rows ``layer`` serves, as a NumPy array: ``layer.embeddings`` or, for a quantized layer,
-    the layer's own output for ids ``0 .. rows-1`` (its dequantization, exactly)."""
+    """The rows ``layer`` serves, as a NumPy array: ``layer.embeddings`` or, for a quantized layer and for
+    LoRA under mixed precision, the layer's own output for ids ``0 .. rows-1`` (its dequantization, or its
+    LoRA sum computed in the compute dtype, exactly: ``layer.embeddings`` adds the LoRA term in float32)."""
     from converters.keras_env import import_keras
 
     _, keras = import_keras()
-    if not getattr(layer, "quantization_mode", None):
+    mixed_lora = getattr(layer, "lora_enabled", False) and layer.compute_dtype != layer.variable_dtype
+    if not getattr(layer, "quantization_mode", None) and not mixed_lora:
         return np.array(keras.ops.convert_to_numpy(layer.embeddings), copy=True)
     rows = int(layer.input_dim)
     parts = [np.asarray(keras.ops.convert_to_numpy(layer(np.arange(start, min(rows, start + _CHUNK), dtype="int32"))))
