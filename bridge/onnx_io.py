@@ -407,6 +407,9 @@ def initializer_array(tensor: TensorProto, base_dir: Path | None) -> np.ndarray:
     """
     dtype = tensor_dtype(tensor)
     shape = tuple(int(d) for d in tensor.dims)
+    if any(d < 0 for d in shape):
+        raise ModelFormatError(f"initializer {tensor.name!r} declares negative dims {list(shape)}; the model is "
+                               "damaged or hostile: re-export it")
     if tensor.HasField("segment"):
         raise UnsupportedError(f"initializer {tensor.name!r} is a segment of a larger tensor; not supported")
     if sys.byteorder != "little" and dtype.itemsize > 1:

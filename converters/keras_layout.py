@@ -36,6 +36,8 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
 #: What reading a damaged zip member raises (a bad CRC-32, a truncated or corrupt deflate stream).
 ZIP_DAMAGE = (zipfile.BadZipFile, EOFError, zlib.error)
+MAX_CONFIG_BYTES = 64 << 20  # a model's config.json is kilobytes to a few megabytes; more is a zip bomb
+MAX_COMPRESSION = 1024  # a compressed weight expanding more than this is a bomb (gzip tops out near 1000:1)
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ZIP_DAMAGE", "LayerEntry", "LayoutError", "OffsetFile", "StreamedTable",
            "archive_error", "big_tables", "check_archive", "data_offset", "entry_at", "layer_at", "match_layers",
@@ -80,6 +82,10 @@ def open_archive(path: Path) -> zipfile.ZipFile:
 def read_config(path: Path, zf: zipfile.ZipFile) -> dict[str, Any]:
     """``config.json`` of the archive ``zf`` (of ``path``), checked to be a model's config (has a class_name)."""
     try:
+        size = zf.getinfo(CONFIG_FILE).file_size
+        if size > MAX_CONFIG_BYTES:
+            raise archive_error(path, f"its {CONFIG_FILE} expands to {size:,} bytes (a model config is far smaller; "
+                                      "the archive looks like a zip bomb)")
         raw = zf.read(CONFIG_FILE)
     except KeyError as exc:
         raise archive_error(path, f"it holds no {CONFIG_FILE}") from exc
@@ -205,6 +211,44 @@ class OffsetFile:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def check_weights(path: Path, h5: Any) -> None:
+    """ModelFormatError for a ``model.weights.h5`` that reads outside itself or claims data it does not hold.
+
+    Refused: links (external links name other files; Keras writes none), datasets whose data lives in
+    other files (HDF5 external storage, virtual datasets), an uncompressed dataset declaring more bytes than
+    it stores (a tiny file asking for a huge array of fill values), and a compressed one expanding more than
+    :data:`MAX_COMPRESSION` times. Checked before any weight is read.
+    """
+    import h5py
+
+    def walk(group: Any, prefix: str) -> None:
+        for key in group:
+            name = f"{prefix}/{key}"
+            link = group.get(key, getlink=True)
+            if not isinstance(link, h5py.HardLink):
+                where = "another file" if isinstance(link, h5py.ExternalLink) else "another object"
+                raise archive_error(path, f"{WEIGHTS_FILE} links {name!r} to {where}; Keras writes no links")
+            item = group[key]
+            if isinstance(item, h5py.Group):
+                walk(item, name)
+            elif isinstance(item, h5py.Dataset):
+                _check_dataset(path, item, name)
+
+    walk(h5, "")
+
+
+def _check_dataset(path: Path, dataset: Any, name: str) -> None:
+    if dataset.external or dataset.is_virtual:
+        raise archive_error(path, f"weight {name!r} of {WEIGHTS_FILE} keeps its data in other files; "
+                                  "Keras never writes such datasets")
+    declared = int(dataset.size) * dataset.dtype.itemsize
+    stored = int(dataset.id.get_storage_size())
+    limit = stored * MAX_COMPRESSION if dataset.compression else stored
+    if declared > limit:
+        raise archive_error(path, f"weight {name!r} of {WEIGHTS_FILE} declares {declared:,} bytes but the file "
+                                  f"holds {stored:,} for it; the file is damaged or hostile")
 
 
 def _children(entry: dict[str, Any]) -> list[dict[str, Any]] | None:

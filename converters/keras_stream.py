@@ -48,6 +48,7 @@ from bridge.render import human_bytes
 from converters.keras_env import captured_logs, import_keras
 from converters.keras_layout import (
     CONFIG_FILE,
+    MAX_COMPRESSION,
     WEIGHTS_FILE,
     ZIP_DAMAGE,
     LayerEntry,
@@ -56,6 +57,7 @@ from converters.keras_layout import (
     StreamedTable,
     archive_error,
     big_tables,
+    check_weights,
     data_offset,
     entry_at,
     layer_at,
@@ -253,6 +255,11 @@ def _weights_location(path: Path, zf: zipfile.ZipFile) -> tuple[tuple[int, int] 
     if info.compress_type == zipfile.ZIP_STORED:
         return (data_offset(path, info), info.file_size), None
     tmp = tempfile.TemporaryDirectory(prefix="embridge-keras-")
+    free = shutil.disk_usage(tmp.name).free
+    if info.file_size > free or info.file_size > MAX_COMPRESSION * max(info.compress_size, 1):
+        tmp.cleanup()
+        raise archive_error(path, f"{WEIGHTS_FILE} expands to {info.file_size:,} bytes from {info.compress_size:,} "
+                                  f"({free:,} bytes free for it); the archive is damaged, hostile or too big here")
     try:
         with zf.open(info) as src, open(Path(tmp.name) / WEIGHTS_FILE, "wb") as dst:
             shutil.copyfileobj(src, dst, 16 * 2**20)
@@ -269,9 +276,10 @@ def _read_layout(streamed: StreamedKeras, min_rows: int) -> None:
     base = streamed.h5_span[0] if streamed.h5_span is not None else 0
     try:
         with streamed.open_h5() as h5:  # in place inside the zip (span), else the extracted copy (tmp)
+            check_weights(streamed.path, h5)  # nothing outside the file, no claimed data it lacks
             streamed.layers = list(match_layers(streamed.config, h5, (), "", "")) if "layers" in h5 else []
             streamed.tables = big_tables(streamed.layers, h5, base, min_rows)
-    except OSError as exc:  # h5py: a truncated or damaged HDF5 file
+    except (OSError, KeyError) as exc:  # h5py: a truncated or damaged HDF5 file, a dangling name
         raise weights_error(streamed.path, exc) from exc
     streamed.weight_bytes = sum(int(np.prod(s)) * np.dtype(d).itemsize for layer in streamed.layers
                                 for s, d in zip(layer.var_shapes, layer.var_dtypes, strict=True))

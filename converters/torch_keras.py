@@ -28,8 +28,9 @@ def keras_to_torch(layer_or_table: Any, *, trainable: bool | None = None) -> tup
     from a Keras model (its metadata tells which differences apply). For a layer, the weight is
     ``layer.embeddings`` (LoRA folded in) in the variable dtype; a quantized layer (int8, int4, ...),
     and a LoRA layer under mixed precision (which adds its LoRA term in the compute dtype), is read by
-    calling the layer itself on every id, so ``emb(ids)`` equals ``layer(ids)`` bit for bit. The module owns a copy of the values; ``padding_idx`` is never set (a ``mask_zero``
-    layer has a mask, not a padding row). ``trainable`` defaults to the layer's own flag (False for a
+    calling the layer itself on every id, so ``emb(ids)`` equals ``layer(ids)`` bit for bit. The module
+    owns a copy of the values; ``padding_idx`` is never set (a ``mask_zero`` layer has a mask, not a
+    padding row). ``trainable`` defaults to the layer's own flag (False for a
     table).
     """
     if isinstance(layer_or_table, EmbeddingTable):
