@@ -121,7 +121,8 @@ def _check_graphs(model: onnx.ModelProto, p: Path) -> None:
 
     Checked: every name is UTF-8 (protobuf hands a name that is not back as bytes), no two nodes of a
     graph share a non-empty name, no value of a graph is defined twice (two initializers, an initializer
-    and a node output, two node outputs), and no two subgraphs get the same path.
+    and a node output, two node outputs), no two subgraphs get the same path, and no initializer
+    declares a negative dim.
     """
     paths: set[str] = set()
     for path, graph in iter_graphs(model):
@@ -139,6 +140,10 @@ def _check_graphs(model: onnx.ModelProto, p: Path) -> None:
         _check_utf8(graph, [*node_names, *defined], f"{str(p)!r}: a name in {where}")
         _check_node_names(node_names, f"{str(p)!r}: two nodes of {where}")
         _check_definitions(graph, defined, inits, f"{str(p)!r}: {{name!r}} is defined twice in {where}")
+        negative = next((t for t in graph.initializer if any(d < 0 for d in t.dims)), None)
+        if negative is not None:
+            raise ModelFormatError(f"{str(p)!r}: initializer {negative.name!r} in {where} declares negative dims "
+                                   f"{list(negative.dims)}; the model is damaged or hostile: re-export it")
 
 
 def _check_utf8(graph: onnx.GraphProto, names: list[str], where: str) -> None:

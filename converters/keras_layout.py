@@ -36,8 +36,12 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.weights.h5"
 #: What reading a damaged zip member raises (a bad CRC-32, a truncated or corrupt deflate stream).
 ZIP_DAMAGE = (zipfile.BadZipFile, EOFError, zlib.error)
-MAX_CONFIG_BYTES = 64 << 20  # a model's config.json is kilobytes to a few megabytes; more is a zip bomb
-MAX_COMPRESSION = 1024  # a compressed weight expanding more than this is a bomb (gzip tops out near 1000:1)
+#: A member is a zip bomb when it expands past BOMB_FLOOR bytes (config.json: CONFIG_FLOOR) and more than
+#: MAX_COMPRESSION times its compressed size. Keras itself refuses members past 4 GiB and 100x; a config
+#: holding a vocabulary of millions of ids is tens of megabytes, stored uncompressed.
+MAX_COMPRESSION = 100
+BOMB_FLOOR = 4 << 30
+CONFIG_FLOOR = 64 << 20
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "ZIP_DAMAGE", "LayerEntry", "LayoutError", "OffsetFile", "StreamedTable",
            "archive_error", "big_tables", "check_archive", "data_offset", "entry_at", "layer_at", "match_layers",
@@ -82,10 +86,10 @@ def open_archive(path: Path) -> zipfile.ZipFile:
 def read_config(path: Path, zf: zipfile.ZipFile) -> dict[str, Any]:
     """``config.json`` of the archive ``zf`` (of ``path``), checked to be a model's config (has a class_name)."""
     try:
-        size = zf.getinfo(CONFIG_FILE).file_size
-        if size > MAX_CONFIG_BYTES:
-            raise archive_error(path, f"its {CONFIG_FILE} expands to {size:,} bytes (a model config is far smaller; "
-                                      "the archive looks like a zip bomb)")
+        info = zf.getinfo(CONFIG_FILE)
+        if is_bomb(info.file_size, info.compress_size, CONFIG_FLOOR):
+            raise archive_error(path, f"its {CONFIG_FILE} expands to {info.file_size:,} bytes from "
+                                      f"{info.compress_size:,} (the archive looks like a zip bomb)")
         raw = zf.read(CONFIG_FILE)
     except KeyError as exc:
         raise archive_error(path, f"it holds no {CONFIG_FILE}") from exc
@@ -213,13 +217,18 @@ class OffsetFile:
         self._fh.close()
 
 
+def is_bomb(size: int, packed: int, floor: int = BOMB_FLOOR) -> bool:
+    """True if ``packed`` bytes expanding to ``size`` look like a bomb (past ``floor`` and the ratio)."""
+    return size > floor and size > MAX_COMPRESSION * max(packed, 1)
+
+
 def check_weights(path: Path, h5: Any) -> None:
     """ModelFormatError for a ``model.weights.h5`` that reads outside itself or claims data it does not hold.
 
     Refused: links (external links name other files; Keras writes none), datasets whose data lives in
     other files (HDF5 external storage, virtual datasets), an uncompressed dataset declaring more bytes than
-    it stores (a tiny file asking for a huge array of fill values), and a compressed one expanding more than
-    :data:`MAX_COMPRESSION` times. Checked before any weight is read.
+    it stores (a tiny file asking for a huge array of fill values), and a compressed one that is a bomb
+    (:func:`is_bomb`). Checked before any weight is read.
     """
     import h5py
 
@@ -245,8 +254,7 @@ def _check_dataset(path: Path, dataset: Any, name: str) -> None:
                                   "Keras never writes such datasets")
     declared = int(dataset.size) * dataset.dtype.itemsize
     stored = int(dataset.id.get_storage_size())
-    limit = stored * MAX_COMPRESSION if dataset.compression else stored
-    if declared > limit:
+    if is_bomb(declared, stored) if dataset.compression else declared > stored:
         raise archive_error(path, f"weight {name!r} of {WEIGHTS_FILE} declares {declared:,} bytes but the file "
                                   f"holds {stored:,} for it; the file is damaged or hostile")
 

@@ -48,7 +48,6 @@ from bridge.render import human_bytes
 from converters.keras_env import captured_logs, import_keras
 from converters.keras_layout import (
     CONFIG_FILE,
-    MAX_COMPRESSION,
     WEIGHTS_FILE,
     ZIP_DAMAGE,
     LayerEntry,
@@ -60,6 +59,7 @@ from converters.keras_layout import (
     check_weights,
     data_offset,
     entry_at,
+    is_bomb,
     layer_at,
     match_layers,
     open_archive,
@@ -256,7 +256,7 @@ def _weights_location(path: Path, zf: zipfile.ZipFile) -> tuple[tuple[int, int] 
         return (data_offset(path, info), info.file_size), None
     tmp = tempfile.TemporaryDirectory(prefix="embridge-keras-")
     free = shutil.disk_usage(tmp.name).free
-    if info.file_size > free or info.file_size > MAX_COMPRESSION * max(info.compress_size, 1):
+    if info.file_size > free or is_bomb(info.file_size, info.compress_size):
         tmp.cleanup()
         raise archive_error(path, f"{WEIGHTS_FILE} expands to {info.file_size:,} bytes from {info.compress_size:,} "
                                   f"({free:,} bytes free for it); the archive is damaged, hostile or too big here")

@@ -79,18 +79,23 @@ def test_hostile_weights_are_refused_on_the_streamed_path(saved: dict[str, Path]
     assert not (tmp_path / "out").exists()
 
 
-def test_a_config_that_expands_past_the_limit_is_a_zip_bomb(saved: dict[str, Path], tmp_path: Path,  # noqa: F811
-                                                             capsys: pytest.CaptureFixture[str],
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("deflate", "refused"), [(True, True), (False, False)])
+def test_a_config_is_a_zip_bomb_when_it_expands_past_the_floor_and_the_ratio(
+        saved: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, deflate: bool, refused: bool) -> None:
+    """A big config stored as it is (a vocabulary of millions of ids) converts; one inflating 100x is refused."""
     import converters.keras_layout as layout
 
-    bomb = tmp_path / "bomb.keras"
-    _rezip(saved["keras"], bomb, lambda name, data: data + b" " * 4096 if name == "config.json" else data,
-           deflate=True)
-    monkeypatch.setattr(layout, "MAX_CONFIG_BYTES", 4096)  # the real limit, 64 MiB, scaled down for the test
-    line = _error_line(*_run(["convert", str(bomb), "-o", str(tmp_path / "out"), "--no-parity"], capsys))
-    assert "config.json expands to" in line and "zip bomb" in line
-    assert not (tmp_path / "out").exists()
+    padded = tmp_path / "padded.keras"
+    _rezip(saved["keras"], padded, lambda name, data: data + b" " * 1_000_000 if name == "config.json" else data,
+           deflate=deflate)
+    monkeypatch.setattr(layout, "CONFIG_FLOOR", 4096)  # the real floor, 64 MiB, scaled down for the test
+    code, out, err = _run(["convert", str(padded), "-o", str(tmp_path / "out"), "--no-parity"], capsys)
+    if refused:
+        line = _error_line(code, out, err)
+        assert "config.json expands to 1,00" in line and "zip bomb" in line and not (tmp_path / "out").exists()
+    else:
+        assert code == 0, err
 
 
 def test_negative_dims_in_an_onnx_initializer_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -102,5 +107,7 @@ def test_negative_dims_in_an_onnx_initializer_are_one_line(tmp_path: Path, capsy
                               [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
                               [helper.make_tensor_value_info("v", TensorProto.FLOAT, None)], [table])
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10), tmp_path / "m.onnx")
-    code, out, err = _run(["extract", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "s")], capsys)
-    assert code == 2 and out == "" and err.count("\n") == 1 and "declares negative dims [-4, -3]" in err
+    model = str(tmp_path / "m.onnx")
+    for command in (["extract", model, "-o", str(tmp_path / "s")], ["inspect", model]):
+        code, out, err = _run(command, capsys)
+        assert code == 2 and out == "" and err.count("\n") == 1 and "declares negative dims [-4, -3]" in err
