@@ -24,7 +24,14 @@ from onnx import TensorProto, helper
 
 from bridge.atomic import atomic_file
 from bridge.errors import InputError, ModelFormatError, UnsafePathError
-from bridge.onnx_io import ExternalData, external_data_info, initializer_array, iter_graphs, safe_child_path
+from bridge.onnx_io import (
+    ExternalData,
+    attribute_tensors,
+    external_data_info,
+    initializer_array,
+    iter_graphs,
+    safe_child_path,
+)
 
 _PROTOBUF_LIMIT = 2**31 - 1
 _ALIGN = 64
@@ -160,18 +167,8 @@ def iter_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
     for path, graph in iter_graphs(model):
         for tensor in graph.initializer:
             yield path, tensor
-        for tensor in _attribute_tensors(graph):
+        for tensor in attribute_tensors(graph):
             yield path, tensor
-
-
-def _attribute_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
-    """The tensor attributes (``Constant`` values, ...) of ``graph``'s own nodes."""
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.TENSOR:
-                yield attr.t
-            elif attr.type == onnx.AttributeProto.TENSORS:
-                yield from attr.tensors
 
 
 def external_tensors(model: onnx.ModelProto) -> list[tuple[str, TensorProto, ExternalData]]:
@@ -243,7 +240,7 @@ def _tensors_outside_skip(model: onnx.ModelProto, skip: frozenset[tuple[str, str
     """Every tensor of ``model`` but the initializers ``(graph path, name)`` in ``skip``."""
     for path, graph in iter_graphs(model):
         yield from (t for t in graph.initializer if (path, t.name) not in skip)
-        yield from _attribute_tensors(graph)
+        yield from attribute_tensors(graph)
 
 
 def _copy_array(fh: Any, array: np.ndarray) -> int:

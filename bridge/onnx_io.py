@@ -265,12 +265,17 @@ def _load_external_tensors(model: onnx.ModelProto, base_dir: Path) -> None:
 def _all_tensors(model: onnx.ModelProto) -> Iterator[TensorProto]:
     for _, graph in iter_graphs(model):
         yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
+        yield from attribute_tensors(graph)
+
+
+def attribute_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    """The tensor attributes (``Constant`` values, ...) of ``graph``'s own nodes."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
 
 
 # ---------------------------------------------------------------------------------- graphs

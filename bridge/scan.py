@@ -29,6 +29,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from bridge.errors import InputError, ModelFormatError, UnsupportedError
+from bridge.names import unique_name_nocase
 from bridge.onnx_io import (
     ExternalData,
     external_data_info,
@@ -243,13 +244,7 @@ def default_table_name(initializer: str, taken: set[str]) -> str:
     ``[A-Za-z0-9._-]`` and replace the rest by ``_``: ``"emb.weight"`` -> ``"emb.weight"``.
     A clash gets ``_2``, ``_3``, ... ``taken`` is not modified.
     """
-    base = _sanitize(_layer_part(initializer)) or "table"
-    lowered = {t.lower() for t in taken}
-    name, n = base, 1
-    while name.lower() in lowered:
-        n += 1
-        name = f"{base}_{n}"
-    return name
+    return unique_name_nocase(_sanitize(_layer_part(initializer)) or "table", taken)
 
 
 # ----------------------------------------------------------------------------- indexing

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from bridge.names import unique_name_nocase
 from bridge.scan import default_table_name
 from converters.keras_map import Candidate, match_tables
 from converters.torch_embedding import array_from_tensor, import_torch
@@ -181,16 +182,6 @@ def _altered(key: str) -> str:
     return "".join(c if c.isprintable() and c != "," else "_" for c in key).strip() or "table"
 
 
-def _unique(base: str, taken: set[str]) -> str:
-    """The first of ``base``, ``base_2``, ... that no name in ``taken`` equals, ignoring case."""
-    lowered = {t.lower() for t in taken}
-    name, n = base, 1
-    while name.lower() in lowered:
-        n += 1
-        name = f"{base}_{n}"
-    return name
-
-
 def _exact_names(keys: Sequence[str | None]) -> dict[int, str]:
     """``{table index: key}`` for each table whose key is usable as it is (the first table of a repeated key)."""
     exact: dict[int, str] = {}
@@ -218,7 +209,7 @@ def table_names(keys: Sequence[str | None], initializers: Sequence[str]) -> tupl
         elif key is None:
             name = default_table_name(initializers[i], taken)
         else:
-            name = _unique(_altered(key), taken)
+            name = unique_name_nocase(_altered(key), taken)
             why = ("another table has that name" if usable_name(key) else "a table name holds no comma, no "
                    "unprintable character and no surrounding space (embridge parity --tables splits on commas)")
             warns.append(f"table {name!r} holds state_dict key {key!r}: renamed, as {why}")
