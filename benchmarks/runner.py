@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from benchmarks.report import add_ratios, to_markdown, validate
 from benchmarks.targets import evaluate
 from benchmarks.tokens_bench import run_tokens
 from benchmarks.variants import catalogue
+from bridge.atomic import remove_tree
 from bridge.render import json_safe
 
 JSON_NAME, MARKDOWN_NAME = "results.json", "results.md"
@@ -86,7 +86,7 @@ def write_outputs(doc: dict[str, Any], out_dir: str | os.PathLike[str], *, plots
             for path in made.values():
                 os.replace(path, out / path.name)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove_tree(staging)  # finished even if Ctrl-C lands while it runs
     if not plots:
         from benchmarks.plots import PLOT_NAMES
 
