@@ -280,6 +280,13 @@ def _adapter(backend: str, threads: int, form: str) -> Callable[[TableContext], 
     return make
 
 
+def _numpy_path() -> str:
+    """How this process's numpy adapter gathers: the C kernel, or np.take after the policy's check."""
+    from bridge.backends.numpy import KERNEL
+
+    return "C kernel bridge._kernels.take_rows" if KERNEL is not None else "np.take after the policy's id check"
+
+
 def catalogue(cfg: BenchConfig) -> list[Variant]:
     """Every variant a run can time, in round-robin order."""
     keras_cap, gensim_cap = cfg.keras_max_batch, cfg.gensim_max_batch
@@ -290,8 +297,10 @@ def catalogue(cfg: BenchConfig) -> list[Variant]:
         v("np.take(out,clip)", "numpy", "raw", 1, "out", 'np.take(table, ids, axis=0, out=out, mode="clip")',
           _np_take_out_clip),
         v("table[ids]", "numpy", "raw", 1, "alloc", "table[ids] (fancy indexing)", _fancy_index),
-        v("bridge.numpy", "numpy", "adapter", 1, "alloc", "lookup(ids)", _adapter("numpy", 1, "alloc")),
-        v("bridge.numpy(out)", "numpy", "adapter", 1, "out", "lookup(ids, out=out)", _adapter("numpy", 1, "out")),
+        v("bridge.numpy", "numpy", "adapter", 1, "alloc", f"lookup(ids); {_numpy_path()}",
+          _adapter("numpy", 1, "alloc")),
+        v("bridge.numpy(out)", "numpy", "adapter", 1, "out", f"lookup(ids, out=out); {_numpy_path()}",
+          _adapter("numpy", 1, "out")),
     ]
     for t in (1, 2):
         items.append(v(f"torch.index_select(out)@{t}t", "torch", "raw", t, "out",

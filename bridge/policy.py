@@ -12,9 +12,9 @@ Policies:
 How the frameworks differ without a policy (table of 1000 rows): ``-1`` is row 999 in Keras, ONNX and
 ``np.take`` but an error in torch; ``-1001`` is an error everywhere except onnxruntime running a Keras graph
 (row 999); ``np.take`` wraps uint64 ids ``>= 2**63`` silently. The bridge validates ids once, here, so
-every backend only ever gathers ids it knows to be in range. (One exception, with the same results: the
-torch backend lets ``index_select``, which refuses every out-of-range id itself, check large batches of
-int32/int64 ids, and comes here only when it refused one.)
+every backend only ever gathers ids it knows to be in range. (The exception, with the same results:
+int32/int64 ids that a gather checks itself as it copies, torch's ``index_select`` for large batches and
+the numpy backend's C kernel, come here only when that gather refused one.)
 
 Ids may have any integer dtype and any shape (0-d and empty included); Python ints and nested lists are
 accepted. Floats, bools, strings and objects are refused with an :class:`IdError` that says how to fix them.

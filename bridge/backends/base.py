@@ -20,8 +20,9 @@ the kernel zeroes every fresh page on first touch, so the call costs 1.4-4x one 
 (1M ids x 256 float32: 0.31-0.37 s instead of 0.23-0.25 s). Callers serving large batches should pass a
 reused ``out=``; with it every backend runs within a few percent of its framework's own call. The
 difference is the policy's pass over the ids: one read of them from memory, 6-11% of a gather from a
-cached table at 65,536 ids. A backend whose framework refuses out-of-range ids itself (torch) skips that
-pass for large batches of int32/int64 ids (:meth:`Lookup._try_unchecked`).
+cached table at 65,536 ids. A backend that refuses out-of-range ids itself as it gathers (torch's
+``index_select`` for large batches; numpy through the C kernel :mod:`bridge._kernels`, where it is built)
+skips that pass for int32/int64 ids (:meth:`Lookup._try_unchecked`).
 
 Errors: a call that raises :class:`IdError` may leave ``out=`` partly written (as torch and onnxruntime
 do themselves); every other outcome is the same on every backend.

@@ -1,0 +1,5 @@
+"""Type stub of the optional C kernel built from bridge/_kernels.c."""
+
+from typing import Any
+
+def take_rows(table: Any, ids: Any, out: Any, rows: int, row_bytes: int, /) -> int: ...

@@ -1,0 +1,148 @@
+"""The optional C kernel (bridge/_kernels.c) against np.take, bit for bit, and the numpy backend with and without it."""
+
+from __future__ import annotations
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import bridge.backends as backends
+import bridge.backends.numpy as numpy_backend
+from bridge.errors import IdError
+from bridge.policy import POLICIES
+from bridge.table import EmbeddingTable
+
+ROWS = 40
+HAVE_COMPILER = bool(shutil.which("cc") or shutil.which("gcc")) and \
+    (Path(sysconfig.get_paths()["include"]) / "Python.h").exists()
+needs_kernel = pytest.mark.skipif(numpy_backend.KERNEL is None, reason="bridge._kernels was not built")
+
+
+def test_kernel_is_built_where_a_compiler_is() -> None:
+    """`pip install` compiles it wherever it can; a silent fallback would hide a broken build."""
+    if not HAVE_COMPILER:
+        pytest.skip("no C compiler or Python headers here: the numpy backend falls back to np.take")
+    assert numpy_backend.KERNEL is not None, "bridge/_kernels.c was not built; reinstall with `make install`"
+
+
+def random_table(dtype: np.dtype, dim: int, rows: int = ROWS) -> np.ndarray:
+    rng = np.random.default_rng(dim)
+    bits = rng.integers(0, 256, size=(rows, dim * dtype.itemsize), dtype=np.uint8)
+    return bits.view(dtype)  # every bit pattern, NaN payloads included: a copy must keep them all
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [1, 2, 3, 4, 5, 8, 16, 24, 64, 300])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, ml_dtypes.bfloat16, np.int8, np.float64])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_take_rows_is_np_take(dim: int, dtype: type, id_dtype: type) -> None:
+    data = random_table(np.dtype(dtype), dim)
+    ids = np.random.default_rng(1).integers(0, ROWS, size=(3, 7)).astype(id_dtype)
+    ids[0, :2] = (0, ROWS - 1)
+    out = np.empty(ids.shape + (dim,), data.dtype)
+    assert numpy_backend.KERNEL.take_rows(data, ids, out, ROWS, data.strides[0]) == -1
+    assert out.tobytes() == np.take(data, ids, axis=0).tobytes()
+
+
+@needs_kernel
+@pytest.mark.parametrize(("bad", "id_dtype"), [
+    (bad, id_dtype)
+    for bad in (-1, -ROWS, ROWS, ROWS + 1, 2**31 - 1, -(2**31), 2**63 - 1, -(2**63))
+    for id_dtype in (np.int32, np.int64)
+    if np.iinfo(id_dtype).min <= bad <= np.iinfo(id_dtype).max
+])
+def test_take_rows_stops_at_the_first_bad_id(bad: int, id_dtype: type) -> None:
+    data = random_table(np.dtype(np.float32), 4)
+    ids = np.array([5, 6, bad, 7, bad], dtype=id_dtype)
+    out = np.zeros((5, 4), np.float32)
+    assert numpy_backend.KERNEL.take_rows(data, ids, out, ROWS, 16) == 2
+    assert out[:2].tobytes() == data[[5, 6]].tobytes()
+    assert not out[2:].any()
+
+
+@needs_kernel
+def test_take_rows_refuses_what_it_cannot_gather_safely() -> None:
+    take_rows = numpy_backend.KERNEL.take_rows
+    data = random_table(np.dtype(np.float32), 4)
+    ids, out = np.array([1, 2]), np.empty((2, 4), np.float32)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        take_rows(data, ids.astype(np.uint64), out, ROWS, 16)
+    with pytest.raises(TypeError, match="int32 or int64"):
+        take_rows(data, ids.astype(np.int16), out, ROWS, 16)
+    with pytest.raises(ValueError, match="out has 48 bytes, 2 ids of 16-byte rows need 32"):
+        take_rows(data, ids, np.empty((3, 4), np.float32), ROWS, 16)
+    with pytest.raises(ValueError, match="fewer than 41 rows"):
+        take_rows(data, ids, out, ROWS + 1, 16)
+    with pytest.raises(ValueError, match="row_bytes"):
+        take_rows(data, ids, out, ROWS, 0)
+    with pytest.raises(ValueError, match="not C-contiguous"):  # NumPy refuses the buffer request
+        take_rows(data, ids, out.copy()[:, ::2], ROWS, 8)
+    read_only = out.copy()
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        take_rows(data, ids, read_only, ROWS, 16)
+
+
+def lookups(policy: str, data: np.ndarray) -> tuple[backends.Lookup, backends.Lookup]:
+    """The numpy backend as built here, and the same one with the kernel path turned off."""
+    table = EmbeddingTable(name="t", data=data)
+    fast = backends.lookup(table, "numpy", policy=policy, oov_id=3 if policy == "oov" else None)
+    plain = backends.lookup(table, "numpy", policy=policy, oov_id=3 if policy == "oov" else None)
+    plain._unchecked_from = 0
+    return fast, plain
+
+
+@needs_kernel
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_lookup_with_the_kernel_is_lookup_without_it(policy: str, id_dtype: type) -> None:
+    data = random_table(np.dtype(np.float32), 6)
+    fast, plain = lookups(policy, data)
+    assert fast._unchecked_from == 1 and fast._take_rows is numpy_backend.KERNEL.take_rows
+    rng = np.random.default_rng(2)
+    for ids in (rng.integers(0, ROWS, 5000), rng.integers(-ROWS, ROWS, 5000), rng.integers(0, ROWS, (50, 3)),
+                rng.integers(0, ROWS, 100)[::3], np.array([ROWS]), np.array(7)):
+        ids = ids.astype(id_dtype)
+        try:
+            want = plain(ids)
+        except IdError as exc:
+            with pytest.raises(IdError) as got:
+                fast(ids)
+            assert str(got.value) == str(exc)
+            continue
+        assert fast(ids).tobytes() == want.tobytes()
+        out = np.empty_like(want)
+        assert fast(ids, out=out) is out and out.tobytes() == want.tobytes()
+
+
+@needs_kernel
+def test_out_overlapping_the_table_takes_numpys_buffered_path() -> None:
+    """Gathering into the table itself must read every row before any is overwritten (as np.take does)."""
+    data = random_table(np.dtype(np.float32), 4, rows=64)
+    want = np.take(data, np.arange(63, -1, -1), axis=0)
+    lookup = backends.lookup(EmbeddingTable(name="t", data=data), "numpy")
+    lookup(np.arange(63, -1, -1), out=data)
+    assert data.tobytes() == want.tobytes()
+
+
+def test_without_the_kernel_the_backend_falls_back_to_take(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(numpy_backend, "KERNEL", None)
+    data = random_table(np.dtype(np.float32), 6)
+    lookup = backends.lookup(EmbeddingTable(name="t", data=data), "numpy")
+    assert lookup._unchecked_from == 0
+    ids = np.random.default_rng(3).integers(0, ROWS, 5000)
+    assert lookup(ids).tobytes() == np.take(data, ids, axis=0).tobytes()
+    with pytest.raises(IdError, match="-1"):
+        lookup(np.array([1, -1] * 100))
+
+
+def test_a_strided_table_is_served_without_the_kernel() -> None:
+    data = random_table(np.dtype(np.float32), 8)[:, ::2]
+    lookup = backends.lookup(EmbeddingTable(name="t", data=data), "numpy")
+    assert lookup._unchecked_from == 0
+    ids = np.arange(ROWS)[::-1]
+    assert lookup(ids).tobytes() == np.take(data, ids, axis=0).tobytes()
