@@ -20,30 +20,61 @@
 #include <string.h>
 
 /* Rows of up to 32 bytes are copied inline (a few moves of a size the compiler knows, as NumPy's take
- * does); longer rows by glibc's memcpy, called: the compiler's inline expansion of a known 256-byte copy
+ * does); longer rows by glibc's memmove, called: the compiler's inline expansion of a known 256-byte copy
  * (16-byte moves) measured 3-9% slower than NumPy's take here, glibc's own routine the same speed, and a
  * call per 4-byte row 2.6x slower. The volatile pointer keeps the compiler from expanding the call. */
-static void *(*volatile copy_row)(void *, const void *, size_t) = memcpy;
+static void *(*volatile copy_row)(void *, const void *, size_t) = memmove;
 
-#define GATHER_LOOP(ID_T, COPY, SIZE)                                              \
+/* Rows are read in the ids' order, which is random: each row is a cache miss the hardware prefetcher
+ * cannot foresee. Prefetching the lines of the row AHEAD ids on (its first PREFETCH_BYTES) overlaps those
+ * misses; measured here against NumPy's take: 0.63-0.70x the time on a 512 MiB table of 1 KiB rows,
+ * 0.72-0.82x with 256-byte rows, 0.86-0.89x on a 2.4 MiB table (in L3). A table of at most CACHED_BYTES
+ * (a core's L2 here; exported to Python) is not prefetched: its rows are a few cycles away already. */
+#define AHEAD 8
+#define PREFETCH_BYTES 2048
+#define CACHED_BYTES (1 << 20)
+
+#if defined(__GNUC__) || defined(__clang__)
+/* One load of each id, whatever another thread does to the array: the id checked is the id copied. */
+#define LOAD_ID(ID_T, POS) ((uint64_t)(int64_t)__atomic_load_n(&((const ID_T *)ids)[POS], __ATOMIC_RELAXED))
+static inline void
+prefetch_row(const char *row, size_t row_bytes)
+{
+    size_t bytes = row_bytes < PREFETCH_BYTES ? row_bytes : PREFETCH_BYTES;
+    for (size_t offset = 0; offset < bytes; offset += 64) {
+        __builtin_prefetch(row + offset);
+    }
+}
+#else
+#define LOAD_ID(ID_T, POS) ((uint64_t)(int64_t)((const volatile ID_T *)ids)[POS])
+#define prefetch_row(row, row_bytes) ((void)0)
+#endif
+
+#define GATHER_LOOP(ID_T, COPY, SIZE, PREFETCH)                                    \
     for (j = 0; j < n; j++) {                                                      \
-        uint64_t i = (uint64_t)(int64_t)((const ID_T *)ids)[j];                    \
+        uint64_t i = LOAD_ID(ID_T, j);                                             \
         if (i >= rows) {                                                           \
             return j;                                                              \
+        }                                                                          \
+        if (PREFETCH && j + AHEAD < n) {                                           \
+            uint64_t next = LOAD_ID(ID_T, j + AHEAD);                              \
+            if (next < rows) {                                                     \
+                prefetch_row(src + next * (SIZE), (SIZE));                         \
+            }                                                                      \
         }                                                                          \
         COPY(dst + (size_t)j * (SIZE), src + i * (SIZE), (SIZE));                  \
     }                                                                              \
     return -1;
 
-#define GATHER_SIZES(ID_T)                                                         \
+#define GATHER_SIZES(ID_T, PREFETCH)                                               \
     switch (row_bytes) {                                                           \
-    case 1: GATHER_LOOP(ID_T, memcpy, 1)                                           \
-    case 2: GATHER_LOOP(ID_T, memcpy, 2)                                           \
-    case 4: GATHER_LOOP(ID_T, memcpy, 4)                                           \
-    case 8: GATHER_LOOP(ID_T, memcpy, 8)                                           \
-    case 16: GATHER_LOOP(ID_T, memcpy, 16)                                         \
-    case 32: GATHER_LOOP(ID_T, memcpy, 32)                                         \
-    default: GATHER_LOOP(ID_T, copy, row_bytes)                                    \
+    case 1: GATHER_LOOP(ID_T, memcpy, 1, PREFETCH)                                 \
+    case 2: GATHER_LOOP(ID_T, memcpy, 2, PREFETCH)                                 \
+    case 4: GATHER_LOOP(ID_T, memcpy, 4, PREFETCH)                                 \
+    case 8: GATHER_LOOP(ID_T, memcpy, 8, PREFETCH)                                 \
+    case 16: GATHER_LOOP(ID_T, memcpy, 16, PREFETCH)                               \
+    case 32: GATHER_LOOP(ID_T, memcpy, 32, PREFETCH)                               \
+    default: GATHER_LOOP(ID_T, copy, row_bytes, PREFETCH)                          \
     }
 
 /* Negative ids, seen as unsigned, are huge: one compare refuses both ends of the range. */
@@ -52,10 +83,17 @@ gather(const char *src, const void *ids, int wide, Py_ssize_t n, char *dst, uint
 {
     void *(*copy)(void *, const void *, size_t) = copy_row;
     Py_ssize_t j;
-    if (wide) {
-        GATHER_SIZES(int64_t)
+    int prefetch = rows * row_bytes > CACHED_BYTES;
+    if (wide && prefetch) {
+        GATHER_SIZES(int64_t, 1)
     }
-    GATHER_SIZES(int32_t)
+    if (wide) {
+        GATHER_SIZES(int64_t, 0)
+    }
+    if (prefetch) {
+        GATHER_SIZES(int32_t, 1)
+    }
+    GATHER_SIZES(int32_t, 0)
 }
 
 /* 1 for int64 ids, 0 for int32, -1 (with an exception set) for anything else. */
@@ -149,5 +187,10 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__kernels(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "CACHED_BYTES", CACHED_BYTES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -87,6 +87,37 @@ def test_take_rows_refuses_what_it_cannot_gather_safely() -> None:
         take_rows(data, ids, read_only, ROWS, 16)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dim", [16, 64, 300])
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_tables_beyond_the_cache_are_prefetched_and_still_exact(dim: int, id_dtype: type) -> None:
+    """Over CACHED_BYTES the kernel prefetches the row 8 ids ahead: never past the last id or the table."""
+    rows = numpy_backend.KERNEL.CACHED_BYTES // (dim * 4) + 7
+    data = random_table(np.dtype(np.float32), dim, rows=rows)
+    assert data.nbytes > numpy_backend.KERNEL.CACHED_BYTES
+    take_rows = numpy_backend.KERNEL.take_rows
+    for n in (1, 7, 8, 9, 1000):
+        ids = np.random.default_rng(n).integers(0, rows, n).astype(id_dtype)
+        ids[-1] = rows - 1
+        out = np.empty((n, dim), np.float32)
+        assert take_rows(data, ids, out, rows, dim * 4) == -1
+        assert out.tobytes() == np.take(data, ids, axis=0).tobytes()
+        ids[n // 2] = rows  # a bad id the prefetch reads 8 positions earlier: skipped there, refused here
+        assert take_rows(data, ids, out, rows, dim * 4) == n // 2
+
+
+@needs_kernel
+@pytest.mark.parametrize(("dim", "rows", "used"), [
+    (3, ROWS, False), (5, ROWS, False), (6, ROWS, False),  # odd rows under 64 bytes, a cached table: np.take
+    (1, ROWS, True), (2, ROWS, True), (4, ROWS, True), (8, ROWS, True), (16, ROWS, True), (17, ROWS, True),
+    (3, 100_000, True),  # the same odd rows from a table past the cache: prefetching pays
+])
+def test_the_kernel_serves_where_it_was_measured_faster(dim: int, rows: int, used: bool) -> None:
+    data = np.zeros((rows, dim), np.float32)
+    lookup = backends.lookup(EmbeddingTable(name="t", data=data), "numpy")
+    assert (lookup._unchecked_from == 1) is used
+
+
 def lookups(policy: str, data: np.ndarray) -> tuple[backends.Lookup, backends.Lookup]:
     """The numpy backend as built here, and the same one with the kernel path turned off."""
     table = EmbeddingTable(name="t", data=data)
@@ -100,7 +131,7 @@ def lookups(policy: str, data: np.ndarray) -> tuple[backends.Lookup, backends.Lo
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
 def test_lookup_with_the_kernel_is_lookup_without_it(policy: str, id_dtype: type) -> None:
-    data = random_table(np.dtype(np.float32), 6)
+    data = random_table(np.dtype(np.float32), 8)
     fast, plain = lookups(policy, data)
     assert fast._unchecked_from == 1 and fast._take_rows is numpy_backend.KERNEL.take_rows
     rng = np.random.default_rng(2)
