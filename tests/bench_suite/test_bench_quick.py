@@ -330,8 +330,13 @@ def test_ctrl_c_while_the_files_are_moved_waits_for_the_whole_set(
         real(src, dst)
 
     monkeypatch.setattr(benchmarks.runner.os, "replace", replace)
-    with pytest.raises(KeyboardInterrupt):
-        write_outputs({**doc, "duration_s": 1.5}, tmp_path)
+    # the premise: Ctrl-C raises here (pytest started as a shell's background job inherits it ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_outputs({**doc, "duration_s": 1.5}, tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     assert len(moved) == len(before) == 5
     assert all(after[name] != before[name] for name in ("results.json", "results.md"))
