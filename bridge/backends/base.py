@@ -178,12 +178,14 @@ class Lookup(ABC):
     def __call__(self, ids: Any, out: np.ndarray | None = None) -> np.ndarray:
         """Look up ``ids``; write into ``out`` (C-contiguous, right shape and dtype) and return it if given.
 
-        ``out`` may overlap the table; it must not share memory with ``ids`` (as for ``np.take``).
+        ``out`` may overlap the table as a view of the same array; it must not share memory with ``ids`` (as
+        for ``np.take``), nor be a second memory map of the table's file (no backend can see that overlap).
         """
         if self._fits(ids):  # a few valid int32/int64 ids, the serving call: no conversion, no policy
             if out is None:
                 return self._fresh(ids)
-            self._check_out(out, ids.shape)
+            if not self._out_fits(out, ids.shape):
+                self._bad_out(out, ids.shape)
             self._gather(ids, out)
             return out
         if self._unchecked_from and gatherable_dtype(ids) and ids.size >= self._unchecked_from:
@@ -229,7 +231,8 @@ class Lookup(ABC):
         gather = safe.size and self._gatherable
         if out is None:
             return self._fresh(safe) if gather else np.empty(safe.shape + self._tail, self.dtype)
-        self._check_out(out, safe.shape)
+        if not self._out_fits(out, safe.shape):
+            self._bad_out(out, safe.shape)
         if gather:
             self._gather(safe, out)
         return out
@@ -246,8 +249,8 @@ class Lookup(ABC):
         """
         if out is None:
             out = np.empty(ids.shape + self._tail, self.dtype)
-        else:
-            self._check_out(out, ids.shape)
+        elif not self._out_fits(out, ids.shape):
+            return None  # the general path says so, after the ids: a bad id is reported before a bad out=
         return out if self._gather_or_refuse(ids, out) else None
 
     def _gather_or_refuse(self, ids: np.ndarray, out: np.ndarray) -> bool:
@@ -267,15 +270,16 @@ class Lookup(ABC):
             )
         return supported[name]
 
-    def _check_out(self, out: np.ndarray, shape: tuple[int, ...]) -> None:
-        want = shape + self._tail
-        if not isinstance(out, np.ndarray) or out.shape != want or out.dtype != self.dtype:
-            self._bad_out(out, want)
+    def _out_fits(self, out: Any, shape: tuple[int, ...]) -> bool:
+        """True if ``out`` is a writable C-contiguous ndarray of shape ``shape + (dim,)`` and the served dtype."""
+        if not isinstance(out, np.ndarray) or out.shape != shape + self._tail or out.dtype != self.dtype:
+            return False
         flags = out.flags
-        if not (flags.c_contiguous and flags.writeable):
-            self._bad_out(out, want)
+        return flags.c_contiguous and flags.writeable
 
-    def _bad_out(self, out: Any, want: tuple[int, ...]) -> None:
+    def _bad_out(self, out: Any, shape: tuple[int, ...]) -> None:
+        """Raise the :class:`InputError` for an ``out=`` that :meth:`_out_fits` refused (ids of shape ``shape``)."""
+        want = shape + self._tail
         got = f"{type(out).__name__} {getattr(out, 'shape', '?')} {getattr(out, 'dtype', '?')}"
         if isinstance(out, np.ndarray):
             got += f" (C-contiguous={out.flags.c_contiguous}, writable={out.flags.writeable})"

@@ -78,7 +78,7 @@ class NumpyLookup(Lookup):
         elif KERNEL is not None and self._gatherable and self._data.flags.c_contiguous \
                 and _kernel_pays(self._data, KERNEL.CACHED_BYTES):
             self._take_rows = KERNEL.take_rows
-            self._row_bytes = self.table.dim * self._data.itemsize
+            self._rows, self._row_bytes = self._data.shape[0], self.table.dim * self._data.itemsize
             self._unchecked_from = 1  # the kernel beats the policy's pass plus take at every batch size
 
     def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
@@ -92,8 +92,10 @@ class NumpyLookup(Lookup):
         the table (the kernel would read rows it has overwritten; NumPy's take buffers that case)."""
         if np.may_share_memory(out, self._data):
             return False
-        ids = np.ascontiguousarray(ids)
-        return self._take_rows(self._data, ids, out, self.table.rows, self._row_bytes) < 0
+        flags = ids.flags
+        if not (flags.c_contiguous and flags.aligned):  # the kernel reads whole, aligned int32/int64 values
+            ids = ids.copy()
+        return self._take_rows(self._data, ids, out, self._rows, self._row_bytes) < 0
 
     def _gather_quantized(self, ids: np.ndarray, out: np.ndarray) -> None:
         """The integer rows, then the scheme's NumPy arithmetic into ``out``."""

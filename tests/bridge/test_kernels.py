@@ -177,3 +177,51 @@ def test_a_strided_table_is_served_without_the_kernel() -> None:
     assert lookup._unchecked_from == 0
     ids = np.arange(ROWS)[::-1]
     assert lookup(ids).tobytes() == np.take(data, ids, axis=0).tobytes()
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("policy", ["error", "wrap"])
+@pytest.mark.parametrize("bad_out", ["dtype", "shape", "fortran", "read-only", "list"])
+def test_a_bad_id_is_reported_before_a_bad_out(backend: str, policy: str, bad_out: str) -> None:
+    """The paths that gather before checking (the kernel, torch's index_select) keep the general path's order."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    n = 600  # past torch's unchecked threshold (SMALL_BYTES of output)
+    out: object = {
+        "dtype": np.empty((n, 32), np.float64), "shape": np.empty((n, 31), np.float32),
+        "fortran": np.asfortranarray(np.empty((n, 32), np.float32)), "read-only": np.empty((n, 32), np.float32),
+        "list": [[0.0] * 32] * n,
+    }[bad_out]
+    if bad_out == "read-only":
+        out.flags.writeable = False  # type: ignore[attr-defined]
+    lookup = backends.lookup(EmbeddingTable(name="t", data=random_table(np.dtype(np.float32), 32)), backend,
+                             policy=policy)
+    assert lookup._unchecked_from
+    ids = np.full(n, 1, np.int64)
+    ids[-1] = ROWS
+    with pytest.raises(IdError, match=f"id {ROWS} at position"):
+        lookup(ids, out=out)
+
+
+@needs_kernel
+def test_the_kernel_serves_the_rows_bound_at_setup() -> None:
+    """Like every other part of a lookup, the kernel's row count is the table's when the lookup was made."""
+    table = EmbeddingTable(name="t", data=random_table(np.dtype(np.float32), 8))
+    lookup = backends.lookup(table, "numpy", policy="clip")
+    bound = table.data
+    table.data = np.zeros((2 * ROWS, 8), np.float32)  # a mutable dataclass, reassigned after the fact
+    ids = np.arange(0, 2 * ROWS, 3)
+    assert lookup(ids).tobytes() == np.take(bound, ids, axis=0, mode="clip").tobytes()
+
+
+@needs_kernel
+@pytest.mark.parametrize("id_dtype", [np.int32, np.int64])
+def test_unaligned_ids_are_copied_before_the_kernel_reads_them(id_dtype: type) -> None:
+    size = np.dtype(id_dtype).itemsize
+    raw = np.zeros(100 * size + 1, np.uint8)
+    ids = raw[1:].view(id_dtype)  # contiguous, not aligned
+    assert ids.flags.c_contiguous and not ids.flags.aligned
+    ids[...] = np.arange(100) % ROWS
+    data = random_table(np.dtype(np.float32), 8)
+    lookup = backends.lookup(EmbeddingTable(name="t", data=data), "numpy")
+    assert lookup(ids).tobytes() == np.take(data, ids.copy(), axis=0).tobytes()
