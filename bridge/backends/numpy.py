@@ -60,9 +60,10 @@ def _kernel_pays(data: np.ndarray, cached_bytes: int) -> bool:
 
 
 class NumpyLookup(Lookup):
-    """Gathers with ``data.take(ids, 0, out, "clip")``, the fastest NumPy form.
+    """Gathers int32/int64 ids with the C kernel's checked ``take_rows`` where it is built and pays, and
+    otherwise with ``data.take(ids, 0, out, "clip")`` after the policy, the fastest NumPy form.
 
-    ``threads`` is accepted for symmetry; NumPy gathers on one thread. A quantized table is dequantized
+    ``threads`` is accepted for symmetry; both gather on one thread. A quantized table is dequantized
     by :meth:`bridge.quantization.Quantization.dequantize_rows`.
     """
 
