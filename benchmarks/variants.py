@@ -290,6 +290,7 @@ def _numpy_path() -> str:
 def catalogue(cfg: BenchConfig) -> list[Variant]:
     """Every variant a run can time, in round-robin order."""
     keras_cap, gensim_cap = cfg.keras_max_batch, cfg.gensim_max_batch
+    numpy_path = _numpy_path()
     v = Variant
     items = [
         v("memcpy", "memory", "limit", 1, "out", "np.copyto of a buffer the size of the output", _memcpy),
@@ -297,9 +298,9 @@ def catalogue(cfg: BenchConfig) -> list[Variant]:
         v("np.take(out,clip)", "numpy", "raw", 1, "out", 'np.take(table, ids, axis=0, out=out, mode="clip")',
           _np_take_out_clip),
         v("table[ids]", "numpy", "raw", 1, "alloc", "table[ids] (fancy indexing)", _fancy_index),
-        v("bridge.numpy", "numpy", "adapter", 1, "alloc", f"lookup(ids); {_numpy_path()}",
+        v("bridge.numpy", "numpy", "adapter", 1, "alloc", f"lookup(ids); {numpy_path}",
           _adapter("numpy", 1, "alloc")),
-        v("bridge.numpy(out)", "numpy", "adapter", 1, "out", f"lookup(ids, out=out); {_numpy_path()}",
+        v("bridge.numpy(out)", "numpy", "adapter", 1, "out", f"lookup(ids, out=out); {numpy_path}",
           _adapter("numpy", 1, "out")),
     ]
     for t in (1, 2):

@@ -46,7 +46,7 @@ def _kernels() -> ModuleType | None:
 KERNEL: ModuleType | None = _kernels()
 
 
-def _kernel_pays(data: np.ndarray, cached_bytes: int) -> bool:
+def _kernel_pays(row_bytes: int, table_bytes: int, cached_bytes: int) -> bool:
     """Whether the kernel is faster than NumPy's take for this table (see :mod:`bridge._kernels`).
 
     It copies rows of 1-32 bytes (powers of two) inline and longer ones with a call to glibc's memmove,
@@ -54,9 +54,8 @@ def _kernel_pays(data: np.ndarray, cached_bytes: int) -> bool:
     20, 24 bytes...) from a table that fits in L2 get neither gain: one call per tiny row measured
     1.13-1.28x np.take there.
     """
-    row_bytes = data.shape[1] * data.itemsize
     odd_narrow = row_bytes < 64 and row_bytes & (row_bytes - 1) != 0
-    return not (odd_narrow and data.nbytes <= cached_bytes)
+    return not (odd_narrow and table_bytes <= cached_bytes)
 
 
 class NumpyLookup(Lookup):
@@ -76,10 +75,11 @@ class NumpyLookup(Lookup):
             self._quant = self.table.quantization
             self._gather = self._gather_quantized  # type: ignore[method-assign]
             self._fresh = super()._fresh  # type: ignore[method-assign]
-        elif KERNEL is not None and self._gatherable and self._data.flags.c_contiguous \
-                and _kernel_pays(self._data, KERNEL.CACHED_BYTES):
+            return
+        self._rows, self._row_bytes = self._data.shape[0], self.table.dim * self._data.itemsize
+        if KERNEL is not None and self._gatherable and self._data.flags.c_contiguous \
+                and _kernel_pays(self._row_bytes, self._data.nbytes, KERNEL.CACHED_BYTES):
             self._take_rows = KERNEL.take_rows
-            self._rows, self._row_bytes = self._data.shape[0], self.table.dim * self._data.itemsize
             self._unchecked_from = 1  # the kernel beats the policy's pass plus take at every batch size
 
     def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
