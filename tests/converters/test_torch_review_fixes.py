@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 torch = pytest.importorskip("torch")
 nn = torch.nn
 
-from test_torch import EXPORTERS, _bits, _seeded  # noqa: E402 - the helpers of test_torch.py
+from test_torch import EXPORTERS, TiedLM, _bits, _seeded  # noqa: E402 - the helpers of test_torch.py
 from test_torch_export_fixes import Emb, _state_bits  # noqa: E402
 
 from bridge.errors import InputError  # noqa: E402
@@ -158,31 +158,21 @@ def test_a_counter_buffer_is_untouched_by_both_exporters(tmp_path: Path, dynamo:
 # ----------------------------------------------------------------------------- 3. TorchScript
 
 
-class Padded(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(V, D, padding_idx=0)
-        self.head = nn.Linear(D, V, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, ids):
-        return self.head(self.emb(ids))
-
 
 def test_a_scripted_module_keeps_its_padding_idx(tmp_path: Path) -> None:
     """get_submodule is not supported on ScriptModules: a raw RuntimeError after a successful export."""
-    model = _seeded(Padded)
+    model = _seeded(TiedLM)
     store = extract_torch(torch.jit.script(model), (torch.tensor([[1, 2]]),), tmp_path / "out")
     assert list(store) == ["emb.weight"]
     table = store["emb.weight"]
-    assert table.padding_id == 0 and _holds(store, "emb.weight", model.emb.weight)
+    assert table.padding_id == 1 and _holds(store, "emb.weight", model.emb.weight)  # TiedLM's padding_idx
     assert table.metadata["torch"]["modules"] == {"emb": "Embedding", "head": "Linear"}
     assert store.manifest["provenance"]["warnings"] == []
 
 
 def test_a_traced_module_warns_that_its_padding_idx_is_unknown(tmp_path: Path) -> None:
     """A traced embedding keeps no padding_idx: it was dropped silently."""
-    model = _seeded(Padded)
+    model = _seeded(TiedLM)
     ids = torch.tensor([[1, 2]])
     store = extract_torch(torch.jit.trace(model, ids), (ids,), tmp_path / "out")
     table = store["emb.weight"]
