@@ -51,9 +51,9 @@ class BenchConfig:
     cell. Variants are visited round-robin, one sample each per round.
 
     Cells of at least ``paired_min_batch`` ids then time each ``out=`` adapter against the fastest raw call
-    of its framework in ``pairs`` adjacent pairs of samples lasting about ``pair_sample_s`` each (fewer
-    pairs, but at least ``min_pairs``, once ``variant_budget_s`` is spent); see
-    :func:`benchmarks.harness.paired`.
+    of its framework in ``pairs`` adjacent pairs of samples lasting about ``pair_sample_s`` each
+    (``pair_sample_pool_s`` where either runs a thread pool; fewer pairs, but at least ``min_pairs``,
+    once ``variant_budget_s`` is spent); see :func:`benchmarks.harness.paired`.
     """
 
     mode: str = "full"
@@ -69,6 +69,7 @@ class BenchConfig:
     pairs: int = 100
     min_pairs: int = 12
     pair_sample_s: float = 0.001
+    pair_sample_pool_s: float = 0.005
     paired_min_batch: int = PAIRED_MIN_BATCH
     seed: int = 0
     tensorflow: bool = True
@@ -100,8 +101,8 @@ class BenchConfig:
             raise InputError("repeats and min_repeats must be >= 1")
         if self.pairs < 1 or self.min_pairs < 1:
             raise InputError("pairs and min_pairs must be >= 1")
-        if self.sample_s <= 0 or self.pair_sample_s <= 0:
-            raise InputError("sample_s and pair_sample_s must be > 0 seconds")
+        if min(self.sample_s, self.pair_sample_s, self.pair_sample_pool_s) <= 0:
+            raise InputError("sample_s, pair_sample_s and pair_sample_pool_s must be > 0 seconds")
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)

@@ -29,7 +29,10 @@ class Bound:
 
     ``call`` does the lookup; ``enter`` (optional) runs before each sample, outside the timed region
     (e.g. ``torch.set_num_threads``); ``fetch`` (optional) returns the output of the last call for the
-    correctness check when ``call`` writes into a buffer and returns nothing useful.
+    correctness check when ``call`` writes into a buffer and returns nothing useful. ``settle`` marks a
+    variant that runs a thread pool (more than one thread, TensorFlow, Keras): the harness waits for the
+    process to go idle after each of its samples (:func:`settle`), and makes one untimed call before each,
+    so the timed calls find the pool awake, as in steady serving, rather than waking it from that sleep.
     """
 
     call: Callable[[], object]
@@ -82,10 +85,15 @@ def summarize(samples: list[tuple[float, float]], inner: int) -> Stats:
 
 
 def time_sample(bound: Bound, inner: int) -> tuple[float, float]:
-    """(wall, process CPU) seconds per call, averaged over ``inner`` back-to-back calls."""
+    """(wall, process CPU) seconds per call, averaged over ``inner`` back-to-back calls.
+
+    A ``settle`` variant makes one more call first, untimed, to wake its thread pool (see :class:`Bound`).
+    """
     if bound.enter is not None:
         bound.enter()
     call = bound.call
+    if bound.settle:  # wake the pool the last settle() let sleep (see Bound)
+        call()
     loop = range(inner)
     cpu = time.process_time_ns()
     start = time.perf_counter_ns()

@@ -107,7 +107,10 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
     No pair is made unless a raw call writing into ``out=`` of that framework ran (a ``--variants`` run
     may leave only slower forms, against which a ratio would flatter the adapter).
 
-    Both run in adjacent pairs of short samples (``cfg.pair_sample_s``; :func:`benchmarks.harness.paired`).
+    Both run in adjacent pairs of short samples (``cfg.pair_sample_s``; :func:`benchmarks.harness.paired`),
+    longer ones (``cfg.pair_sample_pool_s``) for a thread pool's: its samples are each woken by an untimed
+    call and followed by a settle of 10-60 ms, so a longer sample costs little time and evens out the
+    pool's ramp-up, which spread the raw call paired with itself over 0.72-1.11x with 1 ms samples.
     Each raw call is also paired with itself, once per cell: the ``noise_*`` fields, the spread the method
     shows where the work is identical (an A/A control), to read the adapter's ratio against.
     """
@@ -121,7 +124,8 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
             continue
         peers = [v.name for v in kin]
         raw = min(peers, key=lambda name: stats[name].median)
-        inner = max(1, round(cfg.pair_sample_s / max(stats[raw].median, 1e-9)))
+        pool = bounds[adapter.name].settle or bounds[raw].settle  # settle() runs between samples anyway
+        inner = max(1, round((cfg.pair_sample_pool_s if pool else cfg.pair_sample_s) / max(stats[raw].median, 1e-9)))
         pair = partial(paired, inner=inner, pairs=cfg.pairs, budget_s=cfg.variant_budget_s, min_pairs=cfg.min_pairs)
         p = pair(bounds[adapter.name], bounds[raw])
         if raw not in controls:

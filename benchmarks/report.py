@@ -1,4 +1,4 @@
-"""The JSON document (schema ``embridge-bench/2``), its validation, and the Markdown report.
+"""The JSON document (schema ``embridge-bench/3``), its validation, and the Markdown report.
 
 The schema is documented field by field in ``benchmarks/README.md``; :func:`validate` checks a document
 against the same description (:data:`FIELDS`) and returns a list of problems (empty when it conforms).
@@ -27,7 +27,8 @@ FIELDS: dict[str, dict[str, Any]] = {
                  "skipped": "list:skip", "tokens": "tokens?", "targets": "list:target"},
     "config": {"mode": str, "tables": "list:config_table", "batches": list, "distributions": list, "zipf_s": NUM,
                "repeats": int, "min_repeats": int, "sample_s": NUM, "warmup_s": NUM, "variant_budget_s": NUM,
-               "pairs": int, "min_pairs": int, "pair_sample_s": NUM, "paired_min_batch": int, "seed": int,
+               "pairs": int, "min_pairs": int, "pair_sample_s": NUM, "pair_sample_pool_s": NUM,
+               "paired_min_batch": int, "seed": int,
                "tensorflow": bool, "gensim": bool, "variants": list, "keras_max_batch": OPT_INT,
                "gensim_max_batch": OPT_INT, "tokens": int, "token_vocab": int, "token_dim": int,
                "token_repeats": int, "extra": dict},

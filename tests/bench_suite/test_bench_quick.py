@@ -15,7 +15,7 @@ import pytest
 from benchmarks import SCHEMA
 from benchmarks.config import TableSpec, quick_config
 from benchmarks.data import make_ids
-from benchmarks.harness import Bound, Limits, paired, plan_samples, round_robin
+from benchmarks.harness import Bound, Limits, paired, plan_samples, round_robin, time_sample
 from benchmarks.report import validate  # noqa: E402
 from benchmarks.runner import run_benchmark, write_outputs  # noqa: E402
 from bridge.errors import InputError  # noqa: E402
@@ -57,7 +57,7 @@ def test_document_matches_the_schema(run: tuple[dict[str, Any], Path, dict[str, 
     doc, _, written = run
     assert validate(doc) == []
     on_disk = json.loads(written["json"].read_text())
-    assert on_disk["schema"] == SCHEMA == "embridge-bench/2"
+    assert on_disk["schema"] == SCHEMA == "embridge-bench/3"
     assert validate(on_disk) == []
     assert on_disk["config"]["tables"][0] == {"name": "tiny", "rows": 500, "dim": 8, "dtype": "float32", "bytes": 16000}
     assert isinstance(on_disk["machine"]["timer"]["loop_overhead_s"], float)
@@ -114,7 +114,9 @@ def test_out_adapters_are_paired_with_their_fastest_raw_call(
                                                                      for n in peers)
         assert 0 < p["ratio_q1"] <= p["ratio"] <= p["ratio_q3"]
         assert 0 < p["noise_q1"] <= p["noise_ratio"] <= p["noise_q3"]
-        assert 6 <= p["pairs"] <= 16 and p["pairs"] % 2 == 0 and p["inner"] >= 1
+        assert 6 <= p["pairs"] <= 16 and p["pairs"] % 2 == 0
+        length = doc["config"]["pair_sample_pool_s" if adapter["threads"] > 1 else "pair_sample_s"]  # a pool's: longer
+        assert p["inner"] == max(1, round(length / medians[(p["raw"], p["distribution"], 65536)]))
     targets = {t["name"]: t for t in doc["targets"]}
     for name in out_adapters:
         assert targets[f"large-batch-{name}"]["value"] == max(p["ratio"] for p in doc["pairs"] if p["adapter"] == name)
@@ -125,6 +127,21 @@ def spin(seconds: float) -> None:
     end = time.perf_counter() + seconds
     while time.perf_counter() < end:
         pass
+
+
+def test_a_pool_is_woken_by_an_untimed_call_before_each_sample() -> None:
+    """A variant that settles (a thread pool) finds its pool asleep: its first call is not a steady call."""
+    state = {"calls": 0, "awake": False}
+
+    def call() -> None:
+        state["calls"] += 1
+        spin(200e-6 if state["awake"] else 5e-3)  # waking the pool costs 5 ms, a steady call 0.2 ms
+        state["awake"] = True
+
+    for settles, low, high in ((True, 150e-6, 1e-3), (False, 1.5e-3, 3e-3)):
+        state.update(calls=0, awake=False)
+        wall, _ = time_sample(Bound(call=call, settle=settles), 3)
+        assert state["calls"] == 3 + settles and low < wall < high
 
 
 def test_paired_alternates_the_order_and_measures_the_ratio() -> None:
