@@ -102,10 +102,13 @@ def run_cell(cfg: BenchConfig, ctx: TableContext, binders: dict[str, Binder], va
 
 def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound],
               stats: dict[str, Stats]) -> list[dict[str, Any]]:
-    """Each ``out=`` adapter against the fastest (round-robin median) raw call of its framework and thread count.
+    """Each ``out=`` adapter against the fastest (round-robin median) raw call of its framework and thread count
+    that also writes into a preallocated output.
 
-    No pair is made unless a raw call writing into ``out=`` of that framework ran (a ``--variants`` run
-    may leave only slower forms, against which a ratio would flatter the adapter).
+    Allocating raw calls are not candidates: their fresh output faults in new pages on every call, which
+    spread one such pair's ratios over 0.76-1.40x (``np.take``, picked by a round-robin median that noise
+    put 1% below ``np.take(out=, mode="clip")``'s). No pair is made unless such a raw call ran (a
+    ``--variants`` run may leave only the slower, allocating forms).
 
     Both run in adjacent pairs of short samples (``cfg.pair_sample_s``; :func:`benchmarks.harness.paired`),
     longer ones (``cfg.pair_sample_pool_s``) for a thread pool's: its samples are each woken by an untimed
@@ -118,11 +121,10 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
     for adapter in variants:
         if adapter.kind != "adapter" or adapter.form != "out" or adapter.name not in bounds:
             continue
-        kin = [v for v in variants if v.kind == "raw" and v.framework == adapter.framework
-               and (v.threads or 1) == adapter.threads and v.name in stats]
-        if not any(v.form == "out" for v in kin):  # the fastest form was not run (--variants): no fair pair
+        peers = [v.name for v in variants if v.kind == "raw" and v.form == "out" and v.name in stats
+                 and v.framework == adapter.framework and (v.threads or 1) == adapter.threads]
+        if not peers:  # the fastest form was not run (--variants): no fair pair
             continue
-        peers = [v.name for v in kin]
         raw = min(peers, key=lambda name: stats[name].median)
         pool = bounds[adapter.name].settle or bounds[raw].settle  # settle() runs between samples anyway
         inner = max(1, round((cfg.pair_sample_pool_s if pool else cfg.pair_sample_s) / max(stats[raw].median, 1e-9)))

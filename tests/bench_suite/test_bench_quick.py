@@ -108,8 +108,10 @@ def test_out_adapters_are_paired_with_their_fastest_raw_call(
         adapter, raw = variants[p["adapter"]], variants[p["raw"]]
         assert raw["kind"] == "raw" and raw["framework"] == adapter["framework"]
         assert (raw["threads"] or 1) == adapter["threads"]
+        assert raw["form"] == "out"  # an allocating raw call is never the peer
         peers = [n for n, v in variants.items() if v["kind"] == "raw" and v["framework"] == adapter["framework"]
-                 and (v["threads"] or 1) == adapter["threads"] and (n, p["distribution"], 65536) in medians]
+                 and v["form"] == "out" and (v["threads"] or 1) == adapter["threads"]
+                 and (n, p["distribution"], 65536) in medians]
         assert medians[(p["raw"], p["distribution"], 65536)] == min(medians[(n, p["distribution"], 65536)]
                                                                      for n in peers)
         assert 0 < p["ratio_q1"] <= p["ratio"] <= p["ratio_q3"]
@@ -142,6 +144,26 @@ def test_a_pool_is_woken_by_an_untimed_call_before_each_sample() -> None:
         state.update(calls=0, awake=False)
         wall, _ = time_sample(Bound(call=call, settle=settles), 3)
         assert state["calls"] == 3 + settles and low < wall < high
+
+
+def test_an_allocating_raw_call_is_never_the_peer() -> None:
+    """Even when its round-robin median is the lowest, the adapter is paired with the fastest out= raw call."""
+    from benchmarks.harness import Stats
+    from benchmarks.lookup_bench import run_pairs
+    from benchmarks.variants import Variant
+
+    def variant(name: str, kind: str, form: str) -> Variant:
+        return Variant(name, "numpy", kind, 1, form, name, make=lambda ctx: None)  # type: ignore[arg-type,return-value]
+
+    variants = [variant("take", "raw", "alloc"), variant("take(out)", "raw", "out"), variant("slow(out)", "raw", "out"),
+                variant("adapter(out)", "adapter", "out")]
+    medians = {"take": 1e-4, "take(out)": 2e-4, "slow(out)": 3e-4, "adapter(out)": 2e-4}
+    stats = {n: Stats(m, m, m, m, 3, 1, m) for n, m in medians.items()}
+    bounds = {n: Bound(call=int) for n in medians}
+    rows = run_pairs(tiny_config(pairs=2, min_pairs=2), variants, bounds, stats)
+    assert [(r["adapter"], r["raw"]) for r in rows] == [("adapter(out)", "take(out)")]
+    del stats["take(out)"], stats["slow(out)"]  # only the allocating form ran: no pair at all
+    assert run_pairs(tiny_config(pairs=2, min_pairs=2), variants, bounds, stats) == []
 
 
 def test_paired_alternates_the_order_and_measures_the_ratio() -> None:
