@@ -125,8 +125,7 @@ def quick_config(*, large: bool = False, **changes: Any) -> BenchConfig:
     base = BenchConfig(
         mode="quick", tables=tables, batches=QUICK_BATCHES, repeats=4, min_repeats=3, sample_s=0.003,
         warmup_s=0.01, variant_budget_s=0.3, pairs=16, min_pairs=6, pair_sample_pool_s=0.002, keras_max_batch=256,
-        gensim_max_batch=4096,
-        token_repeats=2,
+        gensim_max_batch=4096, token_repeats=2,
     )
     return replace(base, **changes)
 

@@ -184,8 +184,7 @@ class Lookup(ABC):
         if self._fits(ids):  # a few valid int32/int64 ids, the serving call: no conversion, no policy
             if out is None:
                 return self._fresh(ids)
-            if not self._out_fits(out, ids.shape):
-                self._bad_out(out, ids.shape)
+            self._check_out(out, ids.shape)
             self._gather(ids, out)
             return out
         if self._unchecked_from and gatherable_dtype(ids) and ids.size >= self._unchecked_from:
@@ -231,8 +230,7 @@ class Lookup(ABC):
         gather = safe.size and self._gatherable
         if out is None:
             return self._fresh(safe) if gather else np.empty(safe.shape + self._tail, self.dtype)
-        if not self._out_fits(out, safe.shape):
-            self._bad_out(out, safe.shape)
+        self._check_out(out, safe.shape)
         if gather:
             self._gather(safe, out)
         return out
@@ -276,6 +274,11 @@ class Lookup(ABC):
             return False
         flags = out.flags
         return flags.c_contiguous and flags.writeable
+
+    def _check_out(self, out: Any, shape: tuple[int, ...]) -> None:
+        """:meth:`_bad_out` unless :meth:`_out_fits`."""
+        if not self._out_fits(out, shape):
+            self._bad_out(out, shape)
 
     def _bad_out(self, out: Any, shape: tuple[int, ...]) -> None:
         """Raise the :class:`InputError` for an ``out=`` that :meth:`_out_fits` refused (ids of shape ``shape``)."""
