@@ -393,3 +393,21 @@ def test_tensorflow_and_keras_variants(tmp_path: Path) -> None:
     assert {("tf.nn.embedding_lookup", 2048), ("keras.Embedding()", 16), ("keras.predict", 1)} <= found
     assert ("keras.predict", 2048) not in found  # capped at keras_max_batch
     assert max(r["samples"] for r in doc["results"] if r["variant"] == "keras.predict") <= 3
+
+
+@pytest.mark.slow
+def test_tensorflow_and_keras_read_the_store_files_pages_without_a_copy(tmp_path: Path) -> None:
+    pytest.importorskip("tensorflow")
+    from benchmarks.data import make_store_table
+    from benchmarks.variants import TableContext, _keras_call, _tf_embedding_lookup
+
+    table = make_store_table(TINY, tmp_path, 0)
+    ctx = TableContext(TINY, table, np.asarray(table.data))
+    _tf_embedding_lookup(ctx), _keras_call(ctx)  # each builds what its variant reads, shared through ctx
+    params, layer = ctx.cache["tf_table"], ctx.cache["keras_layer"]
+    assert np.array_equal(np.asarray(params), ctx.array) and np.array_equal(layer.embeddings.numpy(), ctx.array)
+    writer = np.load(table.data.filename, mmap_mode="r+")  # a shared mapping: writes reach the file's pages
+    writer[3] = 7.0
+    writer.flush()
+    assert np.all(ctx.array[3] == 7.0)
+    assert np.all(np.asarray(params)[3] == 7.0) and np.all(layer.embeddings.numpy()[3] == 7.0)  # the same pages
