@@ -13,8 +13,9 @@ How the frameworks differ without a policy (table of 1000 rows): ``-1`` is row 9
 ``np.take`` but an error in torch; ``-1001`` is an error everywhere except onnxruntime running a Keras graph
 (row 999); ``np.take`` wraps uint64 ids ``>= 2**63`` silently. The bridge validates ids once, here, so
 every backend only ever gathers ids it knows to be in range. (The exception, with the same results:
-int32/int64 ids that a gather checks itself as it copies, torch's ``index_select`` for large batches and
-the numpy backend's C kernel, come here only when that gather refused one.)
+int32/int64 ids that a gather checks itself as it copies, torch's ``index_select`` for large batches, the
+numpy backend's C kernel and, under ``wrap``, onnxruntime's Gather for large batches, come here only when that
+gather refused one.)
 
 Ids may have any integer dtype and any shape (0-d and empty included); Python ints and nested lists are
 accepted. Floats, bools, strings and objects are refused with an :class:`IdError` that says how to fix them.

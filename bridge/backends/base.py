@@ -21,8 +21,9 @@ the kernel zeroes every fresh page on first touch, so the call costs 1.4-4x one 
 reused ``out=``; with it every backend runs within a few percent of its framework's own call. The
 difference is the policy's pass over the ids: one read of them from memory, 6-11% of a gather from a
 cached table at 65,536 ids. A backend that refuses out-of-range ids itself as it gathers (torch's
-``index_select`` for large batches; numpy through the C kernel :mod:`bridge._kernels`, where it is built)
-skips that pass for int32/int64 ids (:meth:`Lookup._try_unchecked`).
+``index_select`` for large batches; numpy through the C kernel :mod:`bridge._kernels`, where it is built;
+onnxruntime's Gather for large batches under the ``wrap`` policy, which is its own rule) skips that pass for
+int32/int64 ids (:meth:`Lookup._try_unchecked`).
 
 Errors: a call that raises :class:`IdError` may leave ``out=`` partly written (as torch and onnxruntime
 do themselves); every other outcome is the same on every backend.
@@ -240,10 +241,12 @@ class Lookup(ABC):
 
         A separate pass over a large batch of ids reads them from memory once more (6-11% of a gather from
         a cached table). A framework that refuses every id outside ``[0, rows)`` itself, negative ones
-        included, and never reads outside the table, makes that pass redundant for valid ids:
-        :meth:`_gather_or_refuse` returns False when it refused one, and the call then takes the general
-        path, which applies the policy and gathers again, so results and errors are the general path's.
-        The one difference: an :class:`IdError` may leave rows for the other ids already written to ``out=``.
+        included, and never reads outside the table, makes that pass redundant for valid ids; so does, under
+        the ``wrap`` policy, one that refuses ids outside ``[-rows, rows)`` and serves row ``id + rows`` for a
+        negative id (onnxruntime's Gather). :meth:`_gather_or_refuse` returns False when it refused one, and
+        the call then takes the general path, which applies the policy and gathers again, so results and
+        errors are the general path's. The one difference: an :class:`IdError` may leave rows for the other
+        ids already written to ``out=``.
         """
         if out is None:
             out = np.empty(ids.shape + self._tail, self.dtype)

@@ -105,6 +105,9 @@ class OnnxruntimeLookup(StagedLookup):
             )
         self._bind_fast_path(ort)
         self._probe()
+        if self.policy == "wrap" and self.table.quantization is None and self._gatherable:
+            # Gather applies the wrap policy itself: see _gather_or_refuse
+            self._unchecked_from = SMALL_BYTES // self._row_bytes + 1
 
     def _quantized_session(self, ort: Any, threads: int) -> Any:
         """A session running :func:`bridge.backends.ort_dequant.dequant_model` over the table's own memory.
@@ -141,6 +144,8 @@ class OnnxruntimeLookup(StagedLookup):
         self._devices = [device]
         self._feed_names, self._fetch_names = [IDS], [VECTORS]
         self._run_options = ort.RunOptions()  # read-only during runs: shared by all calls and threads
+        self._run_options.log_severity_level = 4  # a failed run raises its message; no second copy on stderr
+        self._refused = capi.InvalidArgument  # what a run raises for an id outside [-rows, rows)
         # the session's own method; InferenceSession's wrapper adds a WebGPU graph-capture check (0.4 us)
         self._run = getattr(self.session, "_sess", self.session).run_with_ortvaluevector
         self._ort_value = ort.OrtValue
@@ -186,6 +191,20 @@ class OnnxruntimeLookup(StagedLookup):
         fetches = self._vector()
         fetches.push_back(self._value(dst.reshape(1, -1) if ids.ndim == 0 else dst, self._elem))
         self._run(self._run_options, self._feed_names, feeds, self._fetch_names, fetches, self._devices)
+
+    def _gather_or_refuse(self, ids: np.ndarray, out: np.ndarray) -> bool:
+        """Under the ``wrap`` policy only: onnxruntime's Gather is that policy.
+
+        It refuses every id outside ``[-rows, rows)`` (``InvalidArgument``) in a pass of its own before it
+        writes a row, and serves row ``id + rows`` for a negative id: the policy's pass over the ids would
+        repeat that work (3-5% of a call at 65,536 ids from a cached table, measured here). The other
+        policies refuse or map negative ids, so they keep that pass.
+        """
+        try:
+            self._gather_large(ids, out)
+        except self._refused:
+            return False
+        return True
 
     def _stage(self, ids: np.ndarray) -> np.ndarray:
         ids_buf, out_buf, feeds, fetches = self._staging.get(ids.shape)

@@ -217,6 +217,34 @@ def test_torch_skips_the_policy_pass_only_for_large_valid_batches(monkeypatch: p
     assert calls == [50_000]
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_onnxruntime_skips_the_policy_pass_only_under_wrap(policy: str, monkeypatch: pytest.MonkeyPatch,
+                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """Gather refuses ids outside [-rows, rows) and wraps negative ones: the wrap policy, and no other."""
+    pytest.importorskip("onnxruntime")
+    from bridge.policy import IndexPolicy
+
+    calls: list[int] = []
+    apply = IndexPolicy.apply
+    monkeypatch.setattr(IndexPolicy, "apply", lambda self, ids: calls.append(ids.size) or apply(self, ids))
+    lookup = backends.lookup(table("float32"), "onnxruntime", policy=policy, oov_id=OOV)  # direct from 2,731 ids
+    data = table("float32").data
+    for size, skipped in ((2_730, False), (2_731, policy == "wrap"), (50_000, policy == "wrap")):
+        ids = np.random.default_rng(size).integers(-ROWS if policy == "wrap" else 0, ROWS, size=size)
+        calls.clear()
+        assert_bitwise(lookup(ids), expected_vectors(data, policy, ids))
+        assert calls == ([] if skipped else [size])
+    ids[7] = -ROWS - 1  # refused by Gather under wrap: the policy runs and names the id
+    calls.clear()
+    if policy in ("error", "wrap"):
+        with pytest.raises(IdError, match=rf"id {-ROWS - 1} at position \(7,\)"):
+            lookup(ids)
+    else:
+        assert_bitwise(lookup(ids), expected_vectors(data, policy, ids))
+    assert calls == [50_000]
+    assert "onnxruntime" not in capfd.readouterr().err  # the refusal is an IdError, not also a log line
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.int8], ids=["float64", "int8"])
 def test_float64_and_int8_tables(backend: str, dtype: type) -> None:
     data = make_data(np.dtype(dtype))
