@@ -245,6 +245,22 @@ def test_onnxruntime_skips_the_policy_pass_only_under_wrap(policy: str, monkeypa
     assert "onnxruntime" not in capfd.readouterr().err  # the refusal is an IdError, not also a log line
 
 
+def test_onnxruntime_failing_for_another_reason_under_wrap_raises_its_own_error() -> None:
+    """A failed run is taken for a refused id; the general path then runs again and raises the real error."""
+    pytest.importorskip("onnxruntime")
+    lookup = backends.lookup(table("float32"), "onnxruntime", policy="wrap")
+    runs: list[int] = []
+
+    def broken(*args: Any) -> None:
+        runs.append(1)
+        raise RuntimeError("out of memory")
+
+    lookup._run = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        lookup(np.zeros(5_000, np.int64))
+    assert len(runs) == 2  # the unchecked attempt, then the general path's
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.int8], ids=["float64", "int8"])
 def test_float64_and_int8_tables(backend: str, dtype: type) -> None:
     data = make_data(np.dtype(dtype))
