@@ -30,7 +30,9 @@ PARITY_MAX_RATIO = 1.10
 #: The adapters the large-batch target judges: (variant, framework, threads).
 PARITY_ADAPTERS = (("bridge.numpy(out)", "numpy", 1), ("bridge.torch(out)@1t", "torch", 1),
                    ("bridge.torch(out)@2t", "torch", 2), ("bridge.onnxruntime(out)@1t", "onnxruntime", 1),
-                   ("bridge.onnxruntime(out)@2t", "onnxruntime", 2))
+                   ("bridge.onnxruntime(out)@2t", "onnxruntime", 2),
+                   ("bridge.onnxruntime(out,wrap)@1t", "onnxruntime", 1),
+                   ("bridge.onnxruntime(out,wrap)@2t", "onnxruntime", 2))
 TOKEN_ADAPTERS = ("bridge.numpy.tokens", "bridge.onnxruntime.tokens", "bridge.torch.tokens")
 BANDWIDTH_TABLE, BANDWIDTH_BATCH, BANDWIDTH_MIN = "large", 1_048_576, 0.40
 BANDWIDTH_MIN_BYTES = 2 << 30  # the target is stated for a 2 GiB table

@@ -284,11 +284,11 @@ def _gensim_ids(ctx: TableContext) -> Binder:
 
 # --- the bridge adapters ------------------------------------------------------------------------------
 
-def _adapter(backend: str, threads: int, form: str) -> Callable[[TableContext], Binder]:
+def _adapter(backend: str, threads: int, form: str, policy: str = "error") -> Callable[[TableContext], Binder]:
     def make(ctx: TableContext) -> Binder:
         from bridge.backends import lookup
 
-        lk = lookup(ctx.table, backend, threads=threads)
+        lk = lookup(ctx.table, backend, policy, threads=threads)
         enter = None
         if backend == "torch":  # torch threads are process-global: the caller sets them (see the adapter)
             import torch
@@ -352,6 +352,10 @@ def catalogue(cfg: BenchConfig) -> list[Variant]:
         items.append(v(f"bridge.onnxruntime(out)@{t}t", "onnxruntime", "adapter", t, "out",
                        f"lookup(ids, out=out), {t} intra-op thread(s)", _adapter("onnxruntime", t, "out"),
                        ("onnxruntime",)))
+    for t in (1, 2):  # Gather's own rule is the wrap policy: no id check of the adapter's for large batches
+        items.append(v(f"bridge.onnxruntime(out,wrap)@{t}t", "onnxruntime", "adapter", t, "out",
+                       f"lookup(ids, out=out) under policy 'wrap', {t} intra-op thread(s)",
+                       _adapter("onnxruntime", t, "out", "wrap"), ("onnxruntime",)))
     if cfg.tensorflow:
         items += [
             v("tf.nn.embedding_lookup", "tensorflow", "raw", None, "alloc", "eager tf.nn.embedding_lookup",

@@ -69,7 +69,8 @@ def test_every_cell_has_the_references_and_the_adapters(run: tuple[dict[str, Any
     assert doc["errors"] == []
     names = {(r["variant"], r["distribution"], r["batch"]) for r in doc["results"]}
     for variant in ("np.take", "memcpy", "np.take(out,clip)", "bridge.numpy", "bridge.numpy(out)",
-                    "bridge.torch(out)@2t", "bridge.onnxruntime(out)@1t", "ort.ortvaluevector(out)@2t"):
+                    "bridge.torch(out)@2t", "bridge.onnxruntime(out)@1t", "bridge.onnxruntime(out,wrap)@2t",
+                    "ort.ortvaluevector(out)@2t"):
         for dist in ("uniform", "zipf"):
             for batch in (1, 16, 65536):
                 assert (variant, dist, batch) in names
