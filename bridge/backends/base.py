@@ -333,6 +333,11 @@ class StagedLookup(Lookup):
     _same: bool
     _row_bytes: int
 
+    @property
+    def _direct_from(self) -> int:
+        """The fewest ids whose output skips the staging buffers (more than ``SMALL_BYTES`` of rows)."""
+        return SMALL_BYTES // self._row_bytes + 1
+
     def _gather(self, ids: np.ndarray, out: np.ndarray) -> None:
         if out.nbytes <= SMALL_BYTES:
             (out if self._same else out.view(self._carrier))[...] = self._stage(ids)

@@ -31,7 +31,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from bridge.backends.base import SMALL_BYTES, StagedLookup, ThreadBuffers, contiguous_data, require
+from bridge.backends.base import StagedLookup, ThreadBuffers, contiguous_data, require
 from bridge.backends.ort_dequant import dequant_model
 from bridge.errors import BackendError
 
@@ -107,7 +107,7 @@ class OnnxruntimeLookup(StagedLookup):
         self._probe()
         if self.policy == "wrap" and self.table.quantization is None and self._gatherable:
             # Gather applies the wrap policy itself: see _gather_or_refuse
-            self._unchecked_from = SMALL_BYTES // self._row_bytes + 1
+            self._unchecked_from = self._direct_from
 
     def _quantized_session(self, ort: Any, threads: int) -> Any:
         """A session running :func:`bridge.backends.ort_dequant.dequant_model` over the table's own memory.
@@ -159,7 +159,7 @@ class OnnxruntimeLookup(StagedLookup):
         first = np.asarray(self.table.data[:1])
         if self.table.quantization is not None:
             first = self.table.quantization.dequantize_rows(first, np.zeros(1, np.int64))
-        for n in (1, SMALL_BYTES // self._row_bytes + 1):
+        for n in (1, self._direct_from):
             out = np.empty((n, self.table.dim), self.dtype)
             out.view(np.uint8)[...] = 0xA5
             self._gather(np.zeros(n, np.int64), out)

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from bridge.backends.base import SMALL_BYTES, Lookup, StagedLookup, ThreadBuffers, contiguous_data, require
+from bridge.backends.base import Lookup, StagedLookup, ThreadBuffers, contiguous_data, require
 
 # table dtype name -> (dtype torch reads from NumPy, torch dtype name of the result)
 _DTYPES: dict[str, tuple[str, str]] = {
@@ -90,7 +90,7 @@ class TorchLookup(StagedLookup):
         self.weight = _shared(torch, contiguous_data(self.table, self.backend).view(self._carrier))
         self._staging = ThreadBuffers(self._bind)
         if self._gatherable:  # index_select refuses any id outside [0, rows) itself: see _gather_or_refuse
-            self._unchecked_from = SMALL_BYTES // self._row_bytes + 1
+            self._unchecked_from = self._direct_from
 
     def _setup_quantized(self, torch: Any) -> None:
         """Bind the integer table, scale and zero point (no copies) and the dequantizing gather."""
