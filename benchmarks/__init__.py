@@ -13,6 +13,6 @@ when the variants or plots that need them run.
 
 from __future__ import annotations
 
-SCHEMA = "embridge-bench/3"
+SCHEMA = "embridge-bench/4"
 
 __all__ = ["SCHEMA"]

@@ -11,16 +11,21 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 
 _MAX_INNER = 1_000_000
 _MAX_WARMUP_CALLS = 1 << 16
+#: Each sample runs from 0 to STACK_DEPTHS - 1 extra C stack frames deep, at random (see run_at_depth).
+STACK_DEPTHS = 16
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,35 @@ def time_sample(bound: Bound, inner: int) -> tuple[float, float]:
     return wall * 1e-9 / inner, cpu * 1e-9 / inner
 
 
+def run_at_depth(fn: Callable[[], T], depth: int) -> T:
+    """``fn()``, called ``depth`` C stack frames deeper than this call (each level a ``sorted`` calling its key).
+
+    Every sample runs at a depth drawn at random (:data:`STACK_DEPTHS`; :func:`round_robin`, :func:`paired`).
+    The speed of a gather can depend on where its stack frame sits: the same onnxruntime call on the same
+    buffers (65,536 ids, cached table), called from ten sites a few C frames apart, took 454-464 us at six
+    sites and 754-762 us at four in one process, and in 4 of 8 processes some site was 1.25-1.65x the
+    others, a different one in each (:mod:`benchmarks.stack_sites` reproduces it). A variant always called
+    from one site thus carries a bias fixed for the whole process, which pairing cannot cancel; at random
+    depths each variant meets the good and the bad sites alike, and the median sees the common case.
+    Python-to-Python calls use no C stack (CPython 3.11+), hence the builtin in each level.
+    """
+    if depth <= 0:
+        return fn()
+    box: list[T] = []
+
+    def level(_: int) -> int:  # sorted's key: called once, one C level down
+        box.append(run_at_depth(fn, depth - 1))
+        return 0
+
+    sorted((0,), key=level)
+    return box[0]
+
+
+def sample(bound: Bound, inner: int, rng: random.Random) -> tuple[float, float]:
+    """:func:`time_sample` at a random C stack depth (:func:`run_at_depth`), drawn from ``rng``."""
+    return run_at_depth(partial(time_sample, bound, inner), rng.randrange(STACK_DEPTHS))
+
+
 def settle(max_s: float = 0.5, step_s: float = 0.005, quiet_steps: int = 2, busy_fraction: float = 0.1) -> float:
     """Sleep until this process used under ``busy_fraction`` of a core for ``quiet_steps`` steps in a row.
 
@@ -166,11 +200,15 @@ def gc_paused() -> Iterator[None]:
 def round_robin(
     bounds: Mapping[str, Bound],
     plans: Mapping[str, tuple[int, int]],
+    *,
+    seed: int = 0,
 ) -> dict[str, Stats]:
     """Time every variant, one sample per round, rotating the starting variant each round.
 
-    ``plans[name] = (inner, samples)``. Returns :class:`Stats` per variant name.
+    ``plans[name] = (inner, samples)``. Each sample runs at a random C stack depth (:func:`sample`; ``seed``
+    seeds the draws). Returns :class:`Stats` per variant name.
     """
+    rng = random.Random(seed)
     names = list(bounds)
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     rounds = max((plans[n][1] for n in names), default=0)
@@ -180,7 +218,7 @@ def round_robin(
             for name in order:
                 inner, samples = plans[name]
                 if r < samples:
-                    times[name].append(time_sample(bounds[name], inner))
+                    times[name].append(sample(bounds[name], inner, rng))
                     if bounds[name].settle:
                         settle()
     return {name: summarize(times[name], plans[name][0]) for name in names}
@@ -205,7 +243,7 @@ class PairStats:
 
 
 def paired(a: Bound, b: Bound, inner: int, pairs: int, *, budget_s: float | None = None,
-           min_pairs: int = 2) -> PairStats:
+           min_pairs: int = 2, seed: int = 0) -> PairStats:
     """Time ``a`` and ``b`` back to back in up to ``pairs`` pairs, ``a`` first in even pairs and ``b`` first in odd.
 
     A ratio of two medians taken across a long round-robin mixes in whatever the machine did between the
@@ -214,7 +252,9 @@ def paired(a: Bound, b: Bound, inner: int, pairs: int, *, budget_s: float | None
     Many short pairs beat a few long ones: a burst spoils one pair, which the median ignores, instead of
     shifting a long sample. With ``budget_s``, pairs stop once that many seconds (settling included) are
     spent and at least ``min_pairs`` are taken; the count taken is always even, so each order has half.
+    Each sample runs at its own random C stack depth (:func:`sample`; ``seed`` seeds the draws).
     """
+    rng = random.Random(seed)
     samples: list[tuple[tuple[float, float], tuple[float, float]]] = []
     start = time.perf_counter()
     with gc_paused():
@@ -223,7 +263,7 @@ def paired(a: Bound, b: Bound, inner: int, pairs: int, *, budget_s: float | None
                 break
             got = {}
             for name, bound in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
-                got[name] = time_sample(bound, inner)
+                got[name] = sample(bound, inner, rng)
                 if bound.settle:
                     settle()
             samples.append((got["a"], got["b"]))

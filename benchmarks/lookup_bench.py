@@ -93,7 +93,7 @@ def run_cell(cfg: BenchConfig, ctx: TableContext, binders: dict[str, Binder], va
         plans[variant.name] = (inner, plan_samples(estimate, inner, repeats=cfg.repeats, min_repeats=cfg.min_repeats,
                                                    budget_s=cfg.variant_budget_s, limit=variant.limits))
     del reference
-    stats = round_robin(bounds, plans)
+    stats = round_robin(bounds, plans, seed=cfg.seed)
     nbytes = batch * ctx.spec.dim * 4
     results = [{"variant": name, **where, **s.to_json(), "bytes_out": nbytes} for name, s in stats.items()]
     pairs = run_pairs(cfg, variants, bounds, stats) if batch >= cfg.paired_min_batch else []
@@ -128,7 +128,8 @@ def run_pairs(cfg: BenchConfig, variants: list[Variant], bounds: dict[str, Bound
         raw = min(peers, key=lambda name: stats[name].median)
         pool = bounds[adapter.name].settle or bounds[raw].settle  # settle() runs between samples anyway
         inner = max(1, round((cfg.pair_sample_pool_s if pool else cfg.pair_sample_s) / max(stats[raw].median, 1e-9)))
-        pair = partial(paired, inner=inner, pairs=cfg.pairs, budget_s=cfg.variant_budget_s, min_pairs=cfg.min_pairs)
+        pair = partial(paired, inner=inner, pairs=cfg.pairs, budget_s=cfg.variant_budget_s, min_pairs=cfg.min_pairs,
+                       seed=cfg.seed)
         p = pair(bounds[adapter.name], bounds[raw])
         if raw not in controls:
             controls[raw] = pair(bounds[raw], bounds[raw])

@@ -1,4 +1,4 @@
-"""The JSON document (schema ``embridge-bench/3``), its validation, and the Markdown report.
+"""The JSON document (schema ``embridge-bench/4``), its validation, and the Markdown report.
 
 The schema is documented field by field in ``benchmarks/README.md``; :func:`validate` checks a document
 against the same description (:data:`FIELDS`) and returns a list of problems (empty when it conforms).
@@ -35,7 +35,7 @@ FIELDS: dict[str, dict[str, Any]] = {
     "config_table": {"name": str, "rows": int, "dim": int, "dtype": str, "bytes": int},
     "machine": {"platform": str, "machine": str, "python": str, "cpu_model": OPT_STR, "cpu_count": OPT_INT,
                 "cpu_affinity": OPT_INT, "memory_bytes": OPT_INT, "versions": dict, "env": dict, "timer": "timer"},
-    "timer": {"clock": str, "resolution_s": NUM, "loop_overhead_s": NUM},
+    "timer": {"clock": str, "resolution_s": NUM, "loop_overhead_s": NUM, "stack_depths": int},
     "error": {"variant": str, "error": str},
     "skip": {"variant": str, "reason": str},
     "cpu": {"wall_s": NUM, "load_average_start": (list, type(None)), "load_average_end": (list, type(None)),
@@ -197,7 +197,8 @@ def summary_lines(doc: dict[str, Any]) -> str:
         f"- load average (1/5/15 min) at start {cpu['load_average_start']}, at end {cpu['load_average_end']}; "
         f"other processes kept {cpu['other_cores']} core(s) busy on average during the run" + _busy_warning(doc),
         f"- versions: {versions}",
-        f"- timing loop overhead: {fmt_time(m['timer'].get('loop_overhead_s'))} per call (included in every figure)",
+        f"- timing loop overhead: {fmt_time(m['timer'].get('loop_overhead_s'))} per call (included in every figure); "
+        f"each sample {m['timer'].get('stack_depths', 1) - 1} or fewer extra C stack frames deep, at random",
     ])
 
 

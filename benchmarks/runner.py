@@ -15,7 +15,7 @@ from typing import Any
 
 from benchmarks import SCHEMA
 from benchmarks.config import BenchConfig
-from benchmarks.harness import loop_overhead
+from benchmarks.harness import STACK_DEPTHS, loop_overhead
 from benchmarks.lookup_bench import cells_in, run_lookups
 from benchmarks.machine import CpuMonitor, machine_info
 from benchmarks.report import add_ratios, to_markdown, validate
@@ -42,7 +42,7 @@ def run_benchmark(cfg: BenchConfig, *, command: str | None = None, progress: boo
     created = datetime.now(timezone.utc).isoformat(timespec="seconds")
     machine = machine_info()
     machine["timer"] = {"clock": "perf_counter_ns", "resolution_s": time.get_clock_info("perf_counter").resolution,
-                        "loop_overhead_s": loop_overhead()}
+                        "loop_overhead_s": loop_overhead(), "stack_depths": STACK_DEPTHS}
     variants = catalogue(cfg)
     skipped = [{"variant": v.name, "reason": f"not installed: {', '.join(v.missing())}"} for v in variants
                if v.missing()]

@@ -47,7 +47,7 @@ def run_tokens(cfg: BenchConfig, tmp: Path, progress: Any) -> dict[str, Any] | N
             errors.append({"variant": name, "error": f"{type(exc).__name__}: {exc}"})
             del bounds[name]
     progress.set_description(f"tokens: timing {len(bounds)} variants on {cfg.tokens:,} tokens")
-    stats = round_robin(bounds, plans)
+    stats = round_robin(bounds, plans, seed=cfg.seed)
     progress.update(1)
     return _summary(cfg, stats, skipped, errors)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import struct
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 from benchmarks import SCHEMA
 from benchmarks.config import TableSpec, quick_config
 from benchmarks.data import make_ids
-from benchmarks.harness import Bound, Limits, paired, plan_samples, round_robin, time_sample
+from benchmarks.harness import STACK_DEPTHS, Bound, Limits, paired, plan_samples, round_robin, run_at_depth, time_sample
 from benchmarks.report import validate  # noqa: E402
 from benchmarks.runner import run_benchmark, write_outputs  # noqa: E402
 from bridge.errors import InputError  # noqa: E402
@@ -57,7 +58,7 @@ def test_document_matches_the_schema(run: tuple[dict[str, Any], Path, dict[str, 
     doc, _, written = run
     assert validate(doc) == []
     on_disk = json.loads(written["json"].read_text())
-    assert on_disk["schema"] == SCHEMA == "embridge-bench/3"
+    assert on_disk["schema"] == SCHEMA == "embridge-bench/4"
     assert validate(on_disk) == []
     assert on_disk["config"]["tables"][0] == {"name": "tiny", "rows": 500, "dim": 8, "dtype": "float32", "bytes": 16000}
     assert isinstance(on_disk["machine"]["timer"]["loop_overhead_s"], float)
@@ -249,6 +250,50 @@ def test_zipf_ids_are_skewed_and_in_range() -> None:
     assert counts[0] > 5 * counts[99] > 0  # weight 1/(k+1): row 0 about 100x row 99
     uniform = make_ids(1000, 20000, "uniform", rng)
     assert uniform.min() >= 0 and uniform.max() < 1000 and np.bincount(uniform).max() < 60
+
+
+def frames() -> int:
+    """Python frames on the stack now (each level of run_at_depth adds the same number)."""
+    frame, count = sys._getframe(), 0
+    while frame is not None:
+        frame, count = frame.f_back, count + 1
+    return count
+
+
+def test_run_at_depth_calls_once_and_nests_one_level_per_depth() -> None:
+    calls: list[int] = []
+
+    def probe() -> str:
+        calls.append(frames())
+        return "done"
+
+    assert [run_at_depth(probe, d) for d in range(4)] == ["done"] * 4
+    steps = {b - a for a, b in zip(calls, calls[1:], strict=False)}
+    assert len(calls) == 4 and len(steps) == 1 and steps.pop() > 0  # one call each, one fixed step deeper per level
+
+
+def test_samples_run_at_random_stack_depths_drawn_from_the_seed() -> None:
+    def depths(run: Any, seed: int) -> list[int]:
+        seen: list[int] = []
+        bound = Bound(call=lambda: seen.append(frames()))
+        run(bound, seed)
+        return seen
+
+    pairs = lambda bound, seed: paired(bound, bound, inner=1, pairs=16, seed=seed)  # noqa: E731
+    rounds = lambda bound, seed: round_robin({"a": bound}, {"a": (1, 32)}, seed=seed)  # noqa: E731
+    for run in (pairs, rounds):
+        first = depths(run, 1)
+        assert len(first) == 32 and 4 <= len(set(first)) <= STACK_DEPTHS  # 32 samples, many depths
+        assert depths(run, 1) == first and depths(run, 2) != first  # the seed decides the draws
+
+
+def test_stack_sites_times_the_same_call_at_every_depth(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import stack_sites
+
+    medians = stack_sites.site_medians(rounds=2)
+    assert len(medians) == stack_sites.SITES and all(0 < m < 1 for m in medians)
+    assert stack_sites.main(["--rounds", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"us per call at depth 0..{stack_sites.SITES - 1}:")
 
 
 def test_round_robin_takes_the_planned_samples() -> None:
