@@ -179,9 +179,10 @@ class IndexPolicy:
             if ids.dtype.char not in "ilq":  # int32, C long, C long long: int32 or int64 everywhere
                 ids = ids.astype(np.int64)
             return ids, None
-        return self._apply_slow(ids)
+        return self.repair(ids)
 
-    def _apply_slow(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    def repair(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`apply` for ids that :meth:`in_range` refused (it skips that check): raise or map the bad ones."""
         values = _to_int64(ids)  # ids beyond int64 become INT64_MAX: out of range, positive
         bad = (values < 0) | (values >= self.rows)
         if self.name == "error":

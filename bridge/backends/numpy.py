@@ -91,7 +91,7 @@ class NumpyLookup(Lookup):
     def _gather_or_refuse(self, ids: np.ndarray, out: np.ndarray) -> bool:
         """The kernel's checked gather; False at the first id outside ``[0, rows)``, or where ``out`` overlaps
         the table (the kernel would read rows it has overwritten; NumPy's take buffers that case)."""
-        if np.may_share_memory(out, self._data):
+        if self._may_alias and np.may_share_memory(out, self._data):
             return False
         flags = ids.flags
         if not (flags.c_contiguous and flags.aligned):  # the kernel reads whole, aligned int32/int64 values

@@ -201,8 +201,8 @@ def test_torch_skips_the_policy_pass_only_for_large_valid_batches(monkeypatch: p
     from bridge.policy import IndexPolicy
 
     calls: list[int] = []
-    apply = IndexPolicy.apply
-    monkeypatch.setattr(IndexPolicy, "apply", lambda self, ids: calls.append(ids.size) or apply(self, ids))
+    in_range = IndexPolicy.in_range
+    monkeypatch.setattr(IndexPolicy, "in_range", lambda self, ids: calls.append(ids.size) or in_range(self, ids))
     lookup = backends.lookup(table("float32"), "torch")  # 24-byte rows: direct path from 2,731 ids
     data = table("float32").data
     for size, checked in ((2_730, True), (2_731, False), (50_000, False)):
@@ -225,8 +225,8 @@ def test_onnxruntime_skips_the_policy_pass_only_under_wrap(policy: str, monkeypa
     from bridge.policy import IndexPolicy
 
     calls: list[int] = []
-    apply = IndexPolicy.apply
-    monkeypatch.setattr(IndexPolicy, "apply", lambda self, ids: calls.append(ids.size) or apply(self, ids))
+    in_range = IndexPolicy.in_range
+    monkeypatch.setattr(IndexPolicy, "in_range", lambda self, ids: calls.append(ids.size) or in_range(self, ids))
     lookup = backends.lookup(table("float32"), "onnxruntime", policy=policy, oov_id=OOV)  # direct from 2,731 ids
     data = table("float32").data
     for size, skipped in ((2_730, False), (2_731, policy == "wrap"), (50_000, policy == "wrap")):
@@ -657,6 +657,31 @@ def test_out_overlapping_the_table_gives_np_take(backend: str, batch: int) -> No
     ids = np.arange(batch)[::-1].copy()
     want = np.take(data, ids, axis=0)
     assert_bitwise(backends.lookup(data, backend)(ids, out=data[:batch]), want)
+
+
+def test_only_a_read_only_memory_map_is_taken_to_be_safe_from_out_overlap(tmp_path: Path) -> None:
+    """The overlap check is skipped only where no writable array can share the table's memory."""
+    from bridge.backends.base import read_only_map
+
+    path = tmp_path / "t.npy"
+    np.save(path, np.arange(64, dtype=np.float32).reshape(16, 4))
+    mapped = np.load(path, mmap_mode="r")
+    assert read_only_map(mapped) and read_only_map(mapped[2:]) and read_only_map(np.asarray(mapped))
+    with pytest.raises(ValueError, match="WRITEABLE"):  # why it is safe: no view of it can be made writable
+        np.asarray(mapped)[:4].setflags(write=True)
+    plain = np.arange(64, dtype=np.float32).reshape(16, 4)
+    frozen = plain.view()
+    frozen.setflags(write=False)  # read-only, but plain[:4] is a writable alias of it
+    for data in (plain, frozen, np.load(path, mmap_mode="r+"), np.load(path, mmap_mode="c")):
+        assert not read_only_map(data)
+    big = np.arange(20_000 * 16, dtype=np.float32).reshape(20_000, 16)
+    table_view = big.view()
+    table_view.setflags(write=False)
+    ids = np.arange(2_000)[::-1].copy()  # 128 KB of output: gathered straight into out=, which aliases the table
+    want = np.take(big, ids, axis=0)
+    for backend in ("numpy", "onnxruntime"):
+        big[:] = np.arange(big.size, dtype=np.float32).reshape(big.shape)
+        assert_bitwise(backends.lookup(table_view, backend)(ids, out=big[:2_000]), want)
 
 
 @pytest.mark.parametrize(("tokens", "message"), [
