@@ -69,7 +69,7 @@ class BenchConfig:
     pairs: int = 100
     min_pairs: int = 12
     pair_sample_s: float = 0.001
-    pair_sample_pool_s: float = 0.005
+    pair_sample_pool_s: float = 0.02
     paired_min_batch: int = PAIRED_MIN_BATCH
     seed: int = 0
     tensorflow: bool = True
